@@ -1,0 +1,140 @@
+"""The ``compression_training.leap`` section of a DeepSpeed config.
+
+Validated with pydantic, as DeepSpeed validates its own sections. DeepSpeed
+0.19.7+ rejects a config holding ``compression_training``, so
+:func:`split_config` takes the section out and hands the rest to DeepSpeed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..algorithm.selection import GroupRule, LeapConfigError
+
+SECTION = "compression_training"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GroupParams(_Strict):
+    granularity: Literal["unstructured", "block", "row", "column", "head"] = "unstructured"
+    score: Literal["magnitude", "learned"] | None = None  # default: shared_parameters.score
+    block_size: tuple[int, int] | None = None             # (rows, cols), block granularity only
+    num_heads: int | None = Field(default=None, gt=0)     # head granularity; default from model config
+
+    @model_validator(mode="after")
+    def _block(self):
+        if self.granularity == "block":
+            if self.block_size is None:
+                raise ValueError("granularity 'block' needs block_size, e.g. [32, 32]")
+            if min(self.block_size) <= 0:
+                raise ValueError(f"block_size {list(self.block_size)} must be two positive integers")
+        elif self.block_size is not None:
+            raise ValueError(f"block_size is only used with granularity 'block', not {self.granularity!r}")
+        return self
+
+
+class GroupConfig(_Strict):
+    params: GroupParams = GroupParams()
+    modules: list[str] = Field(min_length=1)
+    related_modules: list[Union[str, list[str]]] = []
+
+    @field_validator("related_modules")
+    @classmethod
+    def _flatten(cls, v):
+        # DeepSpeed's old schema nests them one list per module pattern
+        return [p for item in v for p in ([item] if isinstance(item, str) else item)]
+
+
+class SharedParameters(_Strict):
+    enabled: bool = True
+    target_density: float = Field(gt=0.0, le=1.0)
+    lambda_max: float = Field(default=20000.0, gt=0.0)
+    threshold_init: float = 10.0
+    threshold_lr: float = Field(default=1e-2, gt=0.0)
+    score_lr: float = Field(default=1e-2, gt=0.0)
+    schedule_offset: int = Field(default=0, ge=0)
+    score: Literal["magnitude", "learned"] = "magnitude"
+
+
+class LeapSection(_Strict):
+    shared_parameters: SharedParameters
+    different_groups: dict[str, GroupConfig] = Field(min_length=1)
+
+    def rules(self) -> list[GroupRule]:
+        shared = self.shared_parameters
+        return [GroupRule(name=name, modules=g.modules, granularity=g.params.granularity,
+                          score=g.params.score or shared.score, block=g.params.block_size,
+                          num_heads=g.params.num_heads, related_modules=g.related_modules)
+                for name, g in self.different_groups.items()]
+
+    def pruner_settings(self) -> dict:
+        s = self.shared_parameters
+        return dict(target_density=s.target_density, lambda_max=s.lambda_max,
+                    threshold_init=s.threshold_init, schedule_offset=s.schedule_offset)
+
+
+class CompressionTraining(_Strict):
+    leap: LeapSection
+
+
+def _format(error: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key (remove it or check its spelling)")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            lines.append(f"{loc}: {e['input']!r} is not allowed: {e['msg']}")
+    return "invalid LEAP config:\n  " + "\n  ".join(lines)
+
+
+def load_ds_config(config) -> dict:
+    """A DeepSpeed config given as a dict or a JSON path, as a fresh dict."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    if isinstance(config, (str, os.PathLike)):
+        if not os.path.isfile(config):
+            raise LeapConfigError(f"DeepSpeed config file {os.fspath(config)!r} does not exist; "
+                                  f"pass a JSON file path (see ds_configs/)")
+
+        def no_duplicates(pairs):
+            keys = [k for k, _ in pairs]
+            dup = {k for k in keys if keys.count(k) > 1}
+            if dup:
+                raise LeapConfigError(f"{os.fspath(config)}: duplicate JSON key(s) {sorted(dup)}")
+            return dict(pairs)
+        try:
+            with open(config) as f:
+                return json.load(f, object_pairs_hook=no_duplicates)
+        except json.JSONDecodeError as e:
+            raise LeapConfigError(f"{os.fspath(config)} is not valid JSON: {e}") from None
+    raise LeapConfigError(f"config must be a dict or a JSON file path, not {type(config).__name__}")
+
+
+def parse_leap_section(section) -> LeapSection:
+    try:
+        return CompressionTraining.model_validate(section).leap
+    except ValidationError as e:
+        raise LeapConfigError(_format(e, SECTION)) from None
+
+
+def split_config(config) -> tuple[dict, LeapSection | None]:
+    """(config for DeepSpeed without compression_training, validated LEAP section or None)."""
+    ds_config = load_ds_config(config)
+    section = ds_config.pop(SECTION, None)
+    if section is None:
+        return ds_config, None
+    if not isinstance(section, dict) or "leap" not in section:
+        raise LeapConfigError(f"{SECTION} must hold a 'leap' section; leap_ds implements LEAP only "
+                              f"(DeepSpeed 0.19.7+ removed its other compression techniques)")
+    leap = parse_leap_section(section)
+    return ds_config, (leap if leap.shared_parameters.enabled else None)

@@ -1,0 +1,90 @@
+"""Train a tiny model with leap_ds under any launcher; write a JSON trajectory.
+
+Rank r of W takes rows [r*B/W, (r+1)*B/W) of each global batch of B rows, so
+runs with different rank counts see the same global batches.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+import deepspeed.comm as dist  # noqa: E402
+import torch  # noqa: E402
+
+import leap_ds  # noqa: E402
+from tests import tiny_models as tm  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="bert")
+    ap.add_argument("--groups", default="hybrid", choices=["hybrid", "unstructured", "learned", "heads"])
+    ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--save", default=None)
+    ap.add_argument("--load", default=None)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=-1)
+    args = ap.parse_args()
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = {
+        "hybrid": tm.HYBRID_BERT,
+        "heads": tm.ATTN_HEADS,
+        "unstructured": {"all": {"params": {"granularity": "unstructured"},
+                                 "modules": [r"encoder\.layer\.\d+\..*dense|query|key|value"]}},
+        "learned": {"all": {"params": {"granularity": "row", "score": "learned"},
+                            "modules": [r"encoder\.layer\.\d+\..*dense"]}},
+    }[args.groups]
+    if args.model != "bert":
+        groups = {"all": {"params": {"granularity": "unstructured"},
+                          "modules": [r"(h|layers)\.\d+\..*(c_fc|c_proj|c_attn|_proj)$"]}}
+    micro = args.global_batch // world // args.grad_accum
+    cfg = tm.ds_config(args.stage, micro, args.grad_accum, world, leap=tm.leap_section(groups))
+    model = tm.MODELS[args.model]()
+    engine, *_ = leap_ds.initialize(model=model, config=cfg)
+
+    start = 0
+    if args.load:
+        path, _ = engine.load_checkpoint(args.load)
+        assert path is not None, f"no checkpoint in {args.load}"
+        start = engine.global_steps
+    data = tm.batches(args.steps * args.grad_accum, args.global_batch)
+    per_rank = args.global_batch // world
+    losses, densities = [], []
+    for i in range(start * args.grad_accum, args.steps * args.grad_accum):
+        ids, labels = data[i]
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        ids, labels = ids[rows], labels[rows]
+        sub = per_rank // args.grad_accum
+        j = i % args.grad_accum
+        out = engine(input_ids=ids[j * sub:(j + 1) * sub], labels=labels[j * sub:(j + 1) * sub])
+        engine.backward(out.loss)
+        engine.step()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        if engine.is_gradient_accumulation_boundary() or args.grad_accum == 1 or (i + 1) % args.grad_accum == 0:
+            losses.append(loss.item() / world)
+            densities.append(leap_ds.report(engine)["global_density"])
+    rep = leap_ds.report(engine)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.leap.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.leap.parameters())
+    if args.save:
+        engine.save_checkpoint(args.save, tag="ckpt")
+    result = {"rank": rank, "world": world, "losses": losses, "densities": densities,
+              "thresholds": [g["threshold"] for g in rep["groups"]], "report": rep,
+              "leap_local_numel": local, "leap_full_numel": full, "global_steps": engine.global_steps}
+    with open(f"{args.out}.rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    engine.destroy()
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
