@@ -15,7 +15,26 @@ import deepspeed.comm as dist  # noqa: E402
 import torch  # noqa: E402
 
 import leap_ds  # noqa: E402
+from leap_ds.integration.zero import local_slice  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
+
+
+def finalize_check(engine):
+    """finalize, then count exact zeros in every pruned matrix (model copy and fp32 master)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    leap_ds.finalize(engine)
+    zeros = master_zeros = total = 0
+    for g in engine.leap.groups:
+        for m in g.members:
+            w = m.module.weight
+            with deepspeed.zero.GatheredParameters([w]):
+                zeros += int((w.data == 0).sum())
+                total += w.numel()
+            master = safe_get_full_fp32_param(w)
+            if master is not None:
+                master_zeros += int((master == 0).sum())
+    assert all("forward" not in m.module.__dict__ for g in engine.leap.groups for m in g.members)
+    return {"zeros": zeros, "master_zeros": master_zeros, "total": total}
 
 
 def main():
@@ -27,6 +46,8 @@ def main():
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--save", default=None)
+    ap.add_argument("--save-at", type=int, default=None, help="checkpoint after this many steps")
+    ap.add_argument("--finalize", action="store_true")
     ap.add_argument("--load", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1)
@@ -55,31 +76,37 @@ def main():
         path, _ = engine.load_checkpoint(args.load)
         assert path is not None, f"no checkpoint in {args.load}"
         start = engine.global_steps
-    data = tm.batches(args.steps * args.grad_accum, args.global_batch)
+    data = tm.batches(args.steps, args.global_batch)
     per_rank = args.global_batch // world
-    losses, densities = [], []
+    losses, densities, micro_losses = [], [], []
     for i in range(start * args.grad_accum, args.steps * args.grad_accum):
-        ids, labels = data[i]
+        ids, labels = data[i // args.grad_accum]
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         ids, labels = ids[rows], labels[rows]
         sub = per_rank // args.grad_accum
         j = i % args.grad_accum
+        if args.save and args.save_at is not None and i == args.save_at * args.grad_accum:
+            engine.save_checkpoint(args.save, tag=f"step{args.save_at}")
         out = engine(input_ids=ids[j * sub:(j + 1) * sub], labels=labels[j * sub:(j + 1) * sub])
         engine.backward(out.loss)
         engine.step()
         loss = out.loss.detach().clone()
         dist.all_reduce(loss)
-        if engine.is_gradient_accumulation_boundary() or args.grad_accum == 1 or (i + 1) % args.grad_accum == 0:
-            losses.append(loss.item() / world)
+        micro_losses.append(loss.item() / world)
+        if (i + 1) % args.grad_accum == 0:  # an optimizer step: the mean loss of its global batch
+            losses.append(sum(micro_losses) / len(micro_losses))
+            micro_losses = []
             densities.append(leap_ds.report(engine)["global_density"])
     rep = leap_ds.report(engine)
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.leap.parameters())
+    local = sum(local_slice(p)[0].numel() for p in engine.leap.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.leap.parameters())
-    if args.save:
+    if args.save and args.save_at is None:
         engine.save_checkpoint(args.save, tag="ckpt")
+    final = finalize_check(engine) if args.finalize else None
     result = {"rank": rank, "world": world, "losses": losses, "densities": densities,
               "thresholds": [g["threshold"] for g in rep["groups"]], "report": rep,
-              "leap_local_numel": local, "leap_full_numel": full, "global_steps": engine.global_steps}
+              "leap_local_numel": local, "leap_full_numel": full, "global_steps": engine.global_steps,
+              "leap_step": engine.leap.step, "finalize": final}
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
     engine.destroy()

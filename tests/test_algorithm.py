@@ -1,0 +1,842 @@
+"""LEAP's algorithm layer against independent re-computations.
+
+Every expectation here is computed in this file with plain loops / numpy /
+explicit formulas from /work/shared/LEAP_ALGORITHM.md, never with the
+package's own helpers (layout, mask, regulariser):
+
+- which units the hard top-k mask keeps, for every granularity
+  (unstructured, block, row, column, head), on nn.Linear and on GPT-2 Conv1D;
+- that the masked forward is F.linear with the masked weight (and bias for
+  whole-row units);
+- the straight-through gradients of learned scores and thresholds;
+- global density, L_reg, the adaptive lambda and the gradient of lambda*L_reg;
+- schedule_offset, report() and finalize().
+
+The effective (masked) weight of a pruned layer is read off its forward as a
+black box: W~[:, j] = layer(e_j) - layer(0), b~ = layer(0).
+"""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leap_ds import GroupRule, LeapPruner, attach
+from tests import tiny_models as tm
+
+# ----------------------------------------------------------------------------------------------
+# independent reference helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def sigmoid64(theta: float) -> float:
+    theta = float(np.float32(theta))  # thresholds are float32 parameters
+    return 1.0 / (1.0 + math.exp(-theta))
+
+
+def expected_k(theta: float, n: int) -> int:
+    r = sigmoid64(theta)
+    prod = r * n
+    # the test chooses thresholds away from integer products, so float32 vs
+    # float64 evaluation of sigmoid cannot change the ceiling
+    assert abs(prod - round(prod)) > 1e-3 or prod >= n, (theta, n, prod)
+    return min(n, math.ceil(prod))
+
+
+def theta_for(k: int, n: int) -> float:
+    """A threshold whose ceil(sigmoid(theta) * n) is k, well inside the interval."""
+    p = (k - 0.5) / n
+    return math.log(p / (1 - p))
+
+
+def safe_theta(theta: float, n: int) -> float:
+    """Nudge theta until sigmoid(theta) * n is well away from an integer."""
+    while True:
+        prod = sigmoid64(theta) * n
+        if abs(prod - round(prod)) > 1e-2:
+            return float(np.float32(theta))
+        theta += 0.0137
+
+
+def is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def logical_weight(module) -> np.ndarray:
+    """(out_features, in_features) as float64 numpy."""
+    w = module.weight.detach().double().numpy()
+    return w.T.copy() if is_conv1d(module) else w.copy()
+
+
+def bias_of(module):
+    return None if module.bias is None else module.bias.detach().double().numpy().copy()
+
+
+def unit_slices(gran, rows, cols, block=None, role=None, head_dim=None):
+    """The units of one (rows, cols) matrix as (row slice, col slice), in a fixed order."""
+    if gran == "unstructured":
+        return [(slice(i, i + 1), slice(j, j + 1)) for i in range(rows) for j in range(cols)]
+    if gran == "block":
+        br, bc = block
+        return [(slice(a * br, (a + 1) * br), slice(b * bc, (b + 1) * bc))
+                for a in range(rows // br) for b in range(cols // bc)]
+    if gran == "row":
+        return [(slice(i, i + 1), slice(0, cols)) for i in range(rows)]
+    if gran == "column":
+        return [(slice(0, rows), slice(j, j + 1)) for j in range(cols)]
+    if gran == "head":
+        if role == "qkv":
+            return [(slice(h * head_dim, (h + 1) * head_dim), slice(0, cols)) for h in range(rows // head_dim)]
+        return [(slice(0, rows), slice(h * head_dim, (h + 1) * head_dim)) for h in range(cols // head_dim)]
+    raise ValueError(gran)
+
+
+def reference_group(weights, gran, theta, *, block=None, num_heads=None, roles=None, scores=None):
+    """Independent top-k mask of one group.
+
+    weights: list of logical (rows, cols) float64 arrays (several for heads: Q, K, V, out).
+    Returns (list of weight masks, list of bias masks or None, kept unit indices, k, n,
+    per-member unit slices).
+    """
+    roles = roles or [None] * len(weights)
+    per_member = []
+    for w, role in zip(weights, roles):
+        rows, cols = w.shape
+        head_dim = None
+        if gran == "head":
+            head_dim = (rows if role == "qkv" else cols) // num_heads
+        per_member.append(unit_slices(gran, rows, cols, block, role, head_dim))
+    n = len(per_member[0])
+    assert all(len(s) == n for s in per_member)
+    if scores is None:
+        scores = np.zeros(n)
+        for w, slices in zip(weights, per_member):
+            for u, (rs, cs) in enumerate(slices):
+                total = 0.0
+                for i in range(rs.start, rs.stop):
+                    for j in range(cs.start, cs.stop):
+                        total += w[i, j] * w[i, j]
+                scores[u] += total
+    scores = np.asarray(scores, dtype=np.float64)
+    k = expected_k(theta, n)
+    order = sorted(range(n), key=lambda u: -scores[u])
+    if 0 < k < n:  # a clear winner set: no near-ties at the cut
+        assert scores[order[k - 1]] - scores[order[k]] > 1e-5 * abs(scores[order[k - 1]]) + 1e-12
+    kept = sorted(order[:k])
+    wmasks, bmasks = [], []
+    for w, role, slices in zip(weights, roles, per_member):
+        m = np.zeros_like(w)
+        for u in kept:
+            rs, cs = slices[u]
+            m[rs, cs] = 1.0
+        wmasks.append(m)
+        whole_rows = gran == "row" or (gran == "head" and role == "qkv")
+        if whole_rows:
+            bm = np.zeros(w.shape[0])
+            for u in kept:
+                bm[slices[u][0]] = 1.0
+            bmasks.append(bm)
+        else:
+            bmasks.append(None)
+    return wmasks, bmasks, kept, k, n, per_member
+
+
+def effective_linear(module):
+    """The weight and bias a layer really applies, read off its forward (logical layout)."""
+    in_features = module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+    dtype = module.weight.dtype
+    with torch.no_grad():
+        b = module(torch.zeros(1, in_features, dtype=dtype))[0]
+        w = (module(torch.eye(in_features, dtype=dtype)) - b).t()
+    return w.double().numpy(), b.double().numpy()
+
+
+def group_of(pruner, module_name):
+    hits = [g for g in pruner.groups if module_name in [m.name for m in g.members]]
+    assert len(hits) == 1, (module_name, [g.name for g in pruner.groups])
+    return hits[0].module
+
+
+def set_theta(pruner, module_name, theta):
+    group_of(pruner, module_name).threshold.data.fill_(float(theta))
+
+
+# ----------------------------------------------------------------------------------------------
+# small models with BERT-like names
+# ----------------------------------------------------------------------------------------------
+
+
+class OneLinear(nn.Module):
+    def __init__(self, in_f=24, out_f=16, bias=True):
+        super().__init__()
+        self.lin = nn.Linear(in_f, out_f, bias=bias)
+        with torch.no_grad():  # biases large enough that masking them is visible
+            if bias:
+                self.lin.bias.normal_()
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class Attn(nn.Module):
+    """attention.self.{query,key,value}: 12 -> 16 (4 heads of 4); attention.output.dense: 16 -> 12."""
+
+    def __init__(self, hidden=12, width=16):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        for name in ("query", "key", "value"):
+            setattr(self.attention.self, name, nn.Linear(hidden, width))
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(width, hidden)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.bias.normal_()
+
+    def forward(self, x, z):
+        s = self.attention.self
+        return s.query(x), s.key(x), s.value(x), self.attention.output.dense(z)
+
+
+class Mixed(nn.Module):
+    """Heads + an FFN in rows + a block-pruned projection + a column-pruned head layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        for name in ("query", "key", "value"):
+            setattr(self.attention.self, name, nn.Linear(12, 16))
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(16, 12)
+        self.ffn = nn.Linear(12, 24)
+        self.proj = nn.Linear(24, 12)
+        self.extra = nn.Linear(12, 6)
+
+    def forward(self, x):
+        s = self.attention.self
+        h = self.attention.output.dense(torch.tanh(s.query(x)) * s.key(x) + s.value(x))
+        f = torch.relu(self.ffn(h + x))
+        return self.extra(self.proj(f) + h)
+
+
+HEAD_RULE = GroupRule("heads", modules=[r"attention\.output\.dense"], granularity="head",
+                      num_heads=4, related_modules=["self.query", "self.key", "self.value"])
+HEAD_NAMES = ["attention.self.query", "attention.self.key", "attention.self.value",
+              "attention.output.dense"]
+HEAD_ROLES = ["qkv", "qkv", "qkv", "out"]
+
+MIXED_RULES = [HEAD_RULE,
+               GroupRule("ffn", modules=[r"^ffn$"], granularity="row"),
+               GroupRule("proj", modules=[r"^proj$"], granularity="block", block=(4, 8)),
+               GroupRule("extra", modules=[r"^extra$"], granularity="column")]
+# (granularity, member names, roles, kwargs) of each group, written independently of the pruner
+MIXED_SPEC = [("head", HEAD_NAMES, HEAD_ROLES, {"num_heads": 4}),
+              ("row", ["ffn"], None, {}),
+              ("block", ["proj"], None, {"block": (4, 8)}),
+              ("column", ["extra"], None, {})]
+
+
+def reference_masks(model, spec, thetas):
+    """{module name: (weight mask, bias mask or None)} of every group in spec, plus per-group (k, n)."""
+    out, counts = {}, []
+    for (gran, names, roles, kw), theta in zip(spec, thetas):
+        weights = [logical_weight(model.get_submodule(n)) for n in names]
+        wm, bm, _, k, n, _ = reference_group(weights, gran, theta, roles=roles, **kw)
+        for name, a, b in zip(names, wm, bm):
+            out[name] = (a, b)
+        counts.append((k, n))
+    return out, counts
+
+
+def apply_masks_to_copy(model, masks):
+    """A deep copy of the (unpruned) model with the reference masks multiplied in."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (wm, bm) in masks.items():
+            m = ref.get_submodule(name)
+            wmask = torch.from_numpy(wm.T.copy() if is_conv1d(m) else wm).to(m.weight.dtype)
+            m.weight.mul_(wmask)
+            if bm is not None and m.bias is not None:
+                m.bias.mul_(torch.from_numpy(bm).to(m.bias.dtype))
+    return ref
+
+
+def check_effective(model, masks, originals):
+    """Each pruned layer applies exactly the reference-masked weight (zeros where pruned)."""
+    for name, (wm, bm) in masks.items():
+        w_eff, b_eff = effective_linear(model.get_submodule(name))
+        w0, b0 = originals[name]
+        np.testing.assert_array_equal(w_eff == 0, wm == 0, err_msg=f"pruned pattern of {name}")
+        np.testing.assert_allclose(w_eff, w0 * wm, rtol=1e-5, atol=1e-6, err_msg=name)
+        if b0 is not None:
+            expected_b = b0 * bm if bm is not None else b0
+            np.testing.assert_allclose(b_eff, expected_b, rtol=1e-6, atol=1e-7, err_msg=f"bias of {name}")
+
+
+def snapshot(model, names):
+    return {n: (logical_weight(model.get_submodule(n)), bias_of(model.get_submodule(n))) for n in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# the mask, per granularity
+# ----------------------------------------------------------------------------------------------
+
+SINGLE = [("unstructured", {}), ("block", {"block": (4, 8)}), ("row", {}), ("column", {})]
+N_UNITS = {"unstructured": 16 * 24, "block": (16 // 4) * (24 // 8), "row": 16, "column": 24}
+
+
+def _single_rule(gran, kw, score="magnitude"):
+    return GroupRule("g", modules=["lin"], granularity=gran, score=score, block=kw.get("block"))
+
+
+@pytest.mark.parametrize("gran,kw", SINGLE, ids=[s[0] for s in SINGLE])
+def test_single_matrix_mask_keeps_topk_units_by_l2_norm(gran, kw):
+    torch.manual_seed(1)
+    model = OneLinear()
+    w0, b0 = logical_weight(model.lin), bias_of(model.lin)
+    pruner = LeapPruner(model, [_single_rule(gran, kw)], target_density=0.3, threshold_init=10.0)
+    n = N_UNITS[gran]
+    x = torch.randn(5, 24)
+    rng = np.random.default_rng(0)
+    thetas = [theta_for(k, n) for k in sorted({1, 2, n // 3, n // 2, n - 1, n})]
+    thetas += [safe_theta(t, n) for t in rng.uniform(-4, 4, size=3)]
+    for theta in thetas:
+        set_theta(pruner, "lin", theta)
+        (wm,), (bm,), kept, k, n_ref, slices = reference_group([w0], gran, theta, **kw)
+        assert n_ref == n
+        with torch.no_grad():
+            y = model(x)
+        # the forward is F.linear with the independently masked weight (and bias for rows)
+        wt = torch.from_numpy(w0 * wm).float()
+        bt = torch.from_numpy(b0 * bm if bm is not None else b0).float()
+        torch.testing.assert_close(y, F.linear(x, wt, bt), rtol=1e-5, atol=1e-6)
+        # exactly k units survive, and they are the k units of largest norm
+        w_eff, b_eff = effective_linear(model.lin)
+        np.testing.assert_array_equal(w_eff == 0, wm == 0)
+        surviving = [u for u, (rs, cs) in enumerate(slices[0]) if np.any(w_eff[rs, cs] != 0)]
+        assert surviving == kept and len(surviving) == k == min(n, math.ceil(sigmoid64(theta) * n))
+        if gran == "row":
+            np.testing.assert_array_equal(b_eff == 0, bm == 0)
+        else:  # column / unstructured / block never touch the bias
+            np.testing.assert_allclose(b_eff, b0, rtol=1e-6)
+
+
+def test_threshold_init_10_keeps_everything_and_very_low_threshold_keeps_one_unit():
+    torch.manual_seed(2)
+    model = OneLinear()
+    w0 = logical_weight(model.lin)
+    pruner = LeapPruner(model, [_single_rule("row", {})], target_density=0.3, threshold_init=10.0)
+    w_eff, _ = effective_linear(model.lin)
+    np.testing.assert_allclose(w_eff, w0, rtol=1e-5, atol=1e-6)   # sigmoid(10) * 16 -> 16 rows
+    set_theta(pruner, "lin", -12.0)                                # sigmoid * 16 = 9.8e-5 -> 1 row
+    w_eff, _ = effective_linear(model.lin)
+    norms = [float(np.sum(w0[i] ** 2)) for i in range(16)]
+    best = int(np.argmax(norms))
+    assert [i for i in range(16) if np.any(w_eff[i] != 0)] == [best]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_head_mask_scores_qkv_rows_plus_output_columns(k):
+    torch.manual_seed(3)
+    model = Attn()
+    with torch.no_grad():  # make the heads differ clearly, and Q alone not decide the ranking
+        scale = {"query": [1.0, 0.2, 0.6, 0.9], "key": [0.2, 1.3, 0.6, 0.9], "value": [0.5, 0.5, 1.2, 0.3]}
+        for name, s in scale.items():
+            getattr(model.attention.self, name).weight.mul_(torch.tensor(s).repeat_interleave(4)[:, None])
+        model.attention.output.dense.weight.mul_(torch.tensor([0.3, 0.4, 0.2, 1.5]).repeat_interleave(4))
+    orig = snapshot(model, HEAD_NAMES)
+    pruner = LeapPruner(model, [HEAD_RULE], target_density=0.3, threshold_init=10.0)
+    assert len(pruner.groups) == 1
+    theta = theta_for(k, 4)
+    set_theta(pruner, "attention.output.dense", theta)
+
+    weights = [orig[n][0] for n in HEAD_NAMES]
+    wms, bms, kept, k_ref, n, _ = reference_group(weights, "head", theta, num_heads=4, roles=HEAD_ROLES)
+    assert (k_ref, n) == (k, 4)
+    # the expected kept heads by an even more explicit formula
+    score = [sum(float(np.sum(orig[nm][0][h * 4:(h + 1) * 4, :] ** 2)) for nm in HEAD_NAMES[:3])
+             + float(np.sum(orig["attention.output.dense"][0][:, h * 4:(h + 1) * 4] ** 2)) for h in range(4)]
+    assert kept == sorted(np.argsort(score)[::-1][:k].tolist())
+
+    x, z = torch.randn(3, 12), torch.randn(3, 16)
+    with torch.no_grad():
+        outs = model(x, z)
+    for name, out, inp, wm, bm in zip(HEAD_NAMES, outs, [x, x, x, z], wms, bms):
+        w0, b0 = orig[name]
+        bt = b0 * bm if bm is not None else b0   # Q, K, V biases of pruned heads go; output bias stays
+        ref = F.linear(inp, torch.from_numpy(w0 * wm).float(), torch.from_numpy(bt).float())
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    masks = {nm: (wm, bm) for nm, wm, bm in zip(HEAD_NAMES, wms, bms)}
+    check_effective(model, masks, orig)
+    # the output projection's bias is never masked
+    np.testing.assert_allclose(effective_linear(model.attention.output.dense)[1],
+                               orig["attention.output.dense"][1], rtol=1e-6)
+
+
+def test_head_magnitude_scores_follow_the_weights_after_an_optimizer_step():
+    torch.manual_seed(4)
+    model = Attn()
+    pruner = LeapPruner(model, [HEAD_RULE], target_density=0.3, threshold_init=10.0)
+    set_theta(pruner, "attention.output.dense", theta_for(2, 4))
+    orig = snapshot(model, HEAD_NAMES)
+    _, _, kept, *_ = reference_group([orig[n][0] for n in HEAD_NAMES], "head", theta_for(2, 4),
+                                     num_heads=4, roles=HEAD_ROLES)
+    weakest_pruned = [h for h in range(4) if h not in kept][0]
+    with torch.no_grad():   # what an optimizer step might do: that head becomes the largest
+        model.attention.self.value.weight[weakest_pruned * 4:(weakest_pruned + 1) * 4].mul_(50.0)
+    pruner.on_optimizer_step()
+    assert pruner.step == 1
+    new = snapshot(model, HEAD_NAMES)
+    wms, bms, kept_new, *_ = reference_group([new[n][0] for n in HEAD_NAMES], "head", theta_for(2, 4),
+                                             num_heads=4, roles=HEAD_ROLES)
+    assert weakest_pruned in kept_new
+    model(torch.randn(2, 12), torch.randn(2, 16))
+    check_effective(model, {nm: (a, b) for nm, a, b in zip(HEAD_NAMES, wms, bms)}, new)
+
+
+# ----------------------------------------------------------------------------------------------
+# straight-through gradients
+# ----------------------------------------------------------------------------------------------
+
+ST_CASES = [("unstructured", {}, "learned"), ("block", {"block": (4, 8)}, "learned"),
+            ("row", {}, "learned"), ("column", {}, "learned"), ("head", {}, "learned"),
+            ("row", {}, "magnitude"), ("block", {"block": (4, 8)}, "magnitude"),
+            ("head", {}, "magnitude")]
+
+
+@pytest.mark.parametrize("gran,kw,score", ST_CASES, ids=[f"{c[0]}-{c[2]}" for c in ST_CASES])
+def test_straight_through_gradients(gran, kw, score):
+    torch.manual_seed(5)
+    if gran == "head":
+        model = Attn()
+        rule = GroupRule("heads", modules=[r"attention\.output\.dense"], granularity="head", score=score,
+                         num_heads=4, related_modules=["self.query", "self.key", "self.value"])
+        names, roles, n, kw = HEAD_NAMES, HEAD_ROLES, 4, {"num_heads": 4}
+        inputs = [torch.randn(3, 12)] * 3 + [torch.randn(3, 16)]
+        run = lambda: model(inputs[0], inputs[3])  # noqa: E731
+    else:
+        model = OneLinear()
+        rule = _single_rule(gran, kw, score)
+        names, roles, n = ["lin"], None, N_UNITS[gran]
+        inputs = [torch.randn(3, 24)]
+        run = lambda: (model(inputs[0]),)  # noqa: E731
+    orig = snapshot(model, names)
+    pruner = LeapPruner(model, [rule], target_density=0.3, threshold_init=10.0)
+    group = group_of(pruner, names[-1])
+    k = max(1, n // 3)
+    theta = theta_for(k, n)
+    group.threshold.data.fill_(theta)
+    scores = None
+    if score == "learned":
+        assert group.scores is not None and group.scores.shape == (n,)
+        scores = torch.randn(n, generator=torch.Generator().manual_seed(9)).numpy().astype(np.float64)
+        group.scores.data.copy_(torch.from_numpy(scores))
+    else:
+        assert group.scores is None
+
+    weights = [orig[nm][0] for nm in names]
+    wms, bms, kept, k_ref, _, slices = reference_group(weights, gran, theta, roles=roles, scores=scores, **kw)
+    assert k_ref == k
+
+    grads_out = [torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(20 + i))
+                 for i, w in enumerate(weights)]
+    # pruner: loss = sum_i <out_i, G_i>
+    outs = run()
+    loss = sum((o * g).sum() for o, g in zip(outs, grads_out))
+    loss.backward()
+
+    # independent: dL/dW~ and dL/db~ at the masked weights, by autograd on plain F.linear
+    dl_dm = np.zeros(n)
+    for idx, nm in enumerate(names):
+        w0, b0 = orig[nm]
+        w_t = torch.tensor(w0 * wms[idx], requires_grad=True)
+        b_t = torch.tensor(b0 * bms[idx] if bms[idx] is not None else b0, requires_grad=True)
+        out = F.linear(inputs[idx].double(), w_t, b_t)
+        gw, gb = torch.autograd.grad((out * grads_out[idx].double()).sum(), [w_t, b_t])
+        gw, gb = gw.numpy(), gb.numpy()
+        for u, (rs, cs) in enumerate(slices[idx]):
+            total = 0.0
+            for i in range(rs.start, rs.stop):
+                for j in range(cs.start, cs.stop):
+                    total += gw[i, j] * w0[i, j]          # dL/dW~ * W over the unit's weights
+            if bms[idx] is not None:                       # whole-row units mask the bias too
+                for i in range(rs.start, rs.stop):
+                    total += gb[i] * b0[i]
+            dl_dm[u] += total
+    m = np.zeros(n)
+    m[kept] = 1.0
+
+    if score == "learned":
+        np.testing.assert_allclose(group.scores.grad.double().numpy(), dl_dm, rtol=1e-4, atol=1e-5)
+    expected_theta_grad = float(np.sum(dl_dm * m))        # no sigmoid derivative
+    assert group.threshold.grad is not None
+    assert float(group.threshold.grad) == pytest.approx(expected_theta_grad, rel=1e-4, abs=1e-5)
+    # and the weights themselves get dL/dW~ * mask (the usual gradient through the mask)
+    for idx, nm in enumerate(names):
+        mod = model.get_submodule(nm)
+        w_t = torch.tensor(orig[nm][0] * wms[idx], requires_grad=True)
+        out = F.linear(inputs[idx].double(), w_t, torch.from_numpy(orig[nm][1]))
+        (gw,) = torch.autograd.grad((out * grads_out[idx].double()).sum(), [w_t])
+        np.testing.assert_allclose(mod.weight.grad.double().numpy(), gw.numpy() * wms[idx],
+                                   rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# regulariser and adaptive lambda
+# ----------------------------------------------------------------------------------------------
+
+MIXED_N = [3 * 16 * 12 + 12 * 16, 24 * 12, 12 * 24, 6 * 12]   # N_g written out by hand
+MIXED_MEMBER = ["attention.output.dense", "ffn", "proj", "extra"]
+
+
+def _thetas_for_density(density, others=(0.2, 0.5, 0.1)):
+    """Keep ratios with sum r_g N_g / sum N = density, solved for the head group."""
+    total = sum(MIXED_N)
+    r_rest = density * total - sum(r * n for r, n in zip(others, MIXED_N[1:]))
+    r0 = r_rest / MIXED_N[0]
+    assert 0 < r0 < 1
+    return [math.log(r / (1 - r)) for r in (r0, *others)]
+
+
+REG_CASES = {
+    "below_target": [-2.0, -1.5, -3.0, 0.5],                # R < R_t: L_reg = 0
+    "lambda_10": _thetas_for_density(0.31),                 # L_reg = 1e-4 < 3e-4
+    "lambda_floor_50": _thetas_for_density(0.318),          # 20000 * 3.24e-4 / 0.49 = 13.2 -> 50
+    "lambda_adaptive": [1.5, 0.3, 2.0, -0.7],               # R ~ 0.77: lambda_max * L / (1-R_t)^2
+}
+
+
+@pytest.mark.parametrize("case", list(REG_CASES))
+def test_regulariser_value_lambda_and_gradient(case):
+    torch.manual_seed(6)
+    target, lambda_max = 0.3, 20000.0
+    model = Mixed()
+    pruner = LeapPruner(model, MIXED_RULES, target_density=target, lambda_max=lambda_max)
+    thetas = [float(np.float32(t)) for t in REG_CASES[case]]
+    for name, t in zip(MIXED_MEMBER, thetas):
+        set_theta(pruner, name, t)
+
+    sig = [1 / (1 + math.exp(-t)) for t in thetas]
+    R = sum(s * n for s, n in zip(sig, MIXED_N)) / sum(MIXED_N)
+    L = (R - target) ** 2 if R > target else 0.0
+    lam = 10.0 if L < 3e-4 else max(50.0, lambda_max * L / (1 - target) ** 2)
+    branch = {"below_target": lambda: L == 0 and lam == 10,
+              "lambda_10": lambda: 0 < L < 3e-4 and lam == 10,
+              "lambda_floor_50": lambda: L >= 3e-4 and lam == 50,
+              "lambda_adaptive": lambda: lam > 1000}[case]
+    assert branch(), (R, L, lam)   # the case exercises the branch it is named after
+
+    model(torch.randn(4, 12))
+    reg = pruner.regularization_loss()
+    assert float(reg.detach()) == pytest.approx(lam * L, rel=1e-3, abs=1e-9)
+    assert pruner.last_lambda == pytest.approx(lam, rel=1e-3)
+    assert pruner.last_reg_loss == pytest.approx(L, rel=1e-3, abs=1e-10)
+    rep = pruner.report()
+    assert rep["lambda"] == pytest.approx(lam, rel=1e-3) and rep["reg_loss"] == pytest.approx(L, rel=1e-3, abs=1e-10)
+
+    reg.backward()
+    for name, s, n in zip(MIXED_MEMBER, sig, MIXED_N):
+        expected = lam * 2 * (R - target) * s * (1 - s) * n / sum(MIXED_N) if R > target else 0.0
+        grad = group_of(pruner, name).threshold.grad
+        got = 0.0 if grad is None else float(grad)
+        assert got == pytest.approx(expected, rel=1e-3, abs=1e-7), name
+    # the weights get no gradient from the regulariser
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in (model.ffn.weight, model.ffn.bias))
+
+
+def test_regularization_loss_needs_a_training_forward():
+    model = Mixed()
+    pruner = LeapPruner(model, MIXED_RULES, target_density=0.3)
+    with pytest.raises(RuntimeError):
+        pruner.regularization_loss()
+    with torch.no_grad():
+        model(torch.randn(2, 12))
+    with pytest.raises(RuntimeError):
+        pruner.regularization_loss()
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule_offset, step counter, report
+# ----------------------------------------------------------------------------------------------
+
+
+def test_schedule_offset_delays_pruning_and_the_regulariser():
+    torch.manual_seed(7)
+    model = Mixed()
+    dense = copy.deepcopy(model)
+    names = [n for _, ns, _, _ in MIXED_SPEC for n in ns]
+    orig = snapshot(model, names)
+    pruner = LeapPruner(model, MIXED_RULES, target_density=0.3, schedule_offset=2, threshold_init=10.0)
+    thetas = [safe_theta(t, n) for t, n in zip([-0.5, -1.0, 0.2, -0.3], [4, 24, 9, 12])]
+    for name, t in zip(MIXED_MEMBER, thetas):
+        set_theta(pruner, name, t)
+    x = torch.randn(5, 12)
+    ones = {n: (np.ones_like(orig[n][0]), None) for n in names}
+
+    for step in range(2):
+        assert pruner.step == step
+        out = model(x)
+        torch.testing.assert_close(out, dense(x), rtol=1e-6, atol=1e-6)   # nothing pruned
+        check_effective(model, ones, orig)
+        model(x)
+        reg = pruner.regularization_loss()
+        assert float(reg.detach()) == 0.0
+        reg.backward()
+        for name in MIXED_MEMBER:
+            g = group_of(pruner, name).threshold.grad
+            assert g is None or float(g) == 0.0
+            group_of(pruner, name).threshold.grad = None
+        rep = pruner.report()
+        assert rep["pruning_active"] is False and rep["global_density"] == 1.0 and rep["step"] == step
+        pruner.on_optimizer_step()
+
+    assert pruner.step == 2
+    assert pruner.report()["pruning_active"] is True and pruner.report()["step"] == 2
+    masks, counts = reference_masks(model, MIXED_SPEC, thetas)
+    assert all(k < n for k, n in counts)
+    out = model(x)
+    torch.testing.assert_close(out, apply_masks_to_copy(dense, masks)(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, dense(x))
+    check_effective(model, masks, orig)
+    reg = pruner.regularization_loss()
+    assert float(reg.detach()) > 0     # R > R_t = 0.3 here, and now the loss counts
+    pruner.on_optimizer_step()
+    assert pruner.step == 3 and pruner.report()["step"] == 3
+
+
+def _count_report(model, pruner, masks_names_by_group):
+    """Independent per-group and global counts of what the forward really keeps."""
+    per_group, kept_total, total = {}, 0, 0
+    for names in masks_names_by_group:
+        kept = numel = 0
+        for nm in names:
+            w_eff, _ = effective_linear(model.get_submodule(nm))
+            kept += int(np.count_nonzero(w_eff))
+            numel += w_eff.size
+        per_group[tuple(names)] = (kept, numel)
+        kept_total, total = kept_total + kept, total + numel
+    return per_group, kept_total, total
+
+
+def test_report_matches_exact_counts_of_kept_weights():
+    torch.manual_seed(8)
+    model = Mixed()
+    pruner = LeapPruner(model, MIXED_RULES, target_density=0.3, threshold_init=10.0)
+    rng = np.random.default_rng(3)
+    for trial in range(3):
+        thetas = [safe_theta(t, n) for t, n in zip(rng.uniform(-3, 3, 4), [4, 24, 9, 12])]
+        for name, t in zip(MIXED_MEMBER, thetas):
+            set_theta(pruner, name, t)
+        with torch.no_grad():
+            model(torch.randn(2, 12))
+        groups = [names for _, names, _, _ in MIXED_SPEC]
+        per_group, kept_total, total = _count_report(model, pruner, groups)
+        _, counts = reference_masks(model, MIXED_SPEC, thetas)
+        rep = pruner.report()
+        assert total == sum(MIXED_N) == rep["prunable_weights"]
+        assert rep["kept_weights"] == kept_total
+        assert rep["global_density"] == pytest.approx(kept_total / total, rel=1e-12)
+        assert len(rep["groups"]) == 4
+        for row in rep["groups"]:
+            names = row["modules"]
+            kept, numel = per_group[tuple(names)]
+            assert row["weights"] == numel and row["kept_weights"] == kept
+            assert row["density"] == pytest.approx(kept / numel, rel=1e-12)
+        for (k, n), names in zip(counts, groups):
+            row = next(r for r in rep["groups"] if r["modules"] == names)
+            assert row["units"] == n and row["kept_units"] == k
+
+
+# ----------------------------------------------------------------------------------------------
+# finalize
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_finalize(model, pruner, run, masks, orig):
+    with torch.no_grad():
+        before = run(model)
+    rep = pruner.report()
+    pruner.finalize()
+    assert pruner.finalized
+    for name in masks:
+        assert "forward" not in model.get_submodule(name).__dict__, name
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert len(model._forward_pre_hooks) == 0
+    with torch.no_grad():
+        after = run(model)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    zeros = total = 0
+    for name, (wm, bm) in masks.items():
+        mod = model.get_submodule(name)
+        w = logical_weight(mod)
+        w0, b0 = orig[name]
+        np.testing.assert_array_equal(w == 0, wm == 0, err_msg=name)   # exact zeros, nowhere else
+        np.testing.assert_array_equal(w[wm == 1], w0[wm == 1])         # kept weights untouched
+        if b0 is not None:
+            b = bias_of(mod)
+            np.testing.assert_array_equal(b, b0 * bm if bm is not None else b0)
+        zeros += int(np.sum(w == 0))
+        total += w.size
+    assert rep["prunable_weights"] == total
+    assert rep["kept_weights"] == total - zeros
+    assert rep["global_density"] == pytest.approx((total - zeros) / total, rel=1e-12)
+
+
+def test_finalize_mixed_model():
+    torch.manual_seed(9)
+    model = Mixed()
+    names = [n for _, ns, _, _ in MIXED_SPEC for n in ns]
+    orig = snapshot(model, names)
+    pruner = LeapPruner(model, MIXED_RULES, target_density=0.3)
+    thetas = [safe_theta(t, n) for t, n in zip([0.1, -1.0, 0.5, -0.2], [4, 24, 9, 12])]
+    for name, t in zip(MIXED_MEMBER, thetas):
+        set_theta(pruner, name, t)
+    masks, _ = reference_masks(model, MIXED_SPEC, thetas)
+    x = torch.randn(6, 12)
+    _check_finalize(model, pruner, lambda m: m(x), masks, orig)
+
+
+# ----------------------------------------------------------------------------------------------
+# real transformers: BERT (hybrid), GPT-2 (Conv1D), Llama (heads on q/k/v/o)
+# ----------------------------------------------------------------------------------------------
+
+
+def _bert_spec():
+    spec = []
+    for layer in range(2):
+        p = f"bert.encoder.layer.{layer}."
+        spec.append(("head", [p + "attention.self.query", p + "attention.self.key",
+                              p + "attention.self.value", p + "attention.output.dense"], HEAD_ROLES,
+                     {"num_heads": 4}))
+        spec.append(("row", [p + "intermediate.dense"], None, {}))
+        spec.append(("block", [p + "output.dense"], None, {"block": (4, 8)}))
+    return spec
+
+
+def _gpt2_spec():
+    spec = []
+    for layer in range(2):
+        p = f"transformer.h.{layer}."
+        spec += [("unstructured", [p + "attn.c_attn"], None, {}),
+                 ("block", [p + "attn.c_proj"], None, {"block": (4, 8)}),
+                 ("row", [p + "mlp.c_fc"], None, {}),
+                 ("column", [p + "mlp.c_proj"], None, {})]
+    return spec
+
+
+def _llama_spec():
+    spec = []
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        spec += [("head", [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj",
+                           p + "self_attn.o_proj"], HEAD_ROLES, {"num_heads": 4}),
+                 ("row", [p + "mlp.gate_proj"], None, {}),
+                 ("row", [p + "mlp.up_proj"], None, {}),
+                 ("column", [p + "mlp.down_proj"], None, {})]
+    return spec
+
+
+def _units(model, gran, names, roles, kw):
+    w = logical_weight(model.get_submodule(names[-1]))
+    if gran == "head":
+        return kw["num_heads"]
+    if gran == "block":
+        return (w.shape[0] // kw["block"][0]) * (w.shape[1] // kw["block"][1])
+    return {"unstructured": w.size, "row": w.shape[0], "column": w.shape[1]}[gran]
+
+
+def _attach_model(kind):
+    if kind == "bert":
+        model = tm.tiny_bert(seed=11)
+        pruner = attach(model, {"compression_training": tm.leap_section(tm.HYBRID_BERT)})
+        return model, pruner, _bert_spec()
+    if kind == "gpt2":
+        model = tm.tiny_gpt2(seed=12)
+        rules = [GroupRule("qkv", [r"attn\.c_attn"], "unstructured"),
+                 GroupRule("attn_out", [r"attn\.c_proj"], "block", block=(4, 8)),
+                 GroupRule("fc", [r"mlp\.c_fc"], "row"),
+                 GroupRule("fc_out", [r"mlp\.c_proj"], "column")]
+        return model, LeapPruner(model, rules, target_density=0.3, threshold_init=10.0), _gpt2_spec()
+    model = tm.tiny_llama(seed=13)
+    groups = {"heads": {"params": {"granularity": "head"}, "modules": ["o_proj"],
+                        "related_modules": ["q_proj", "k_proj", "v_proj"]},
+              "mlp_in": {"params": {"granularity": "row"}, "modules": ["gate_proj", "up_proj"]},
+              "mlp_out": {"params": {"granularity": "column"}, "modules": ["down_proj"]}}
+    pruner = attach(model, {"compression_training": tm.leap_section(groups)})
+    return model, pruner, _llama_spec()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_transformer_masked_forward_report_and_finalize(kind):
+    torch.manual_seed(14)
+    model, pruner, spec = _attach_model(kind)
+    model.eval()
+    assert len(pruner.groups) == len(spec)
+    names = [n for _, ns, _, _ in spec for n in ns]
+    assert sorted(m.name for g in pruner.groups for m in g.members) == sorted(names)
+    if kind == "gpt2":
+        assert all(is_conv1d(model.get_submodule(n)) for n in names)
+    # an unpruned copy, without LEAP's modules and forwards
+    dense = {"bert": tm.tiny_bert, "gpt2": tm.tiny_gpt2, "llama": tm.tiny_llama}[kind](
+        seed={"bert": 11, "gpt2": 12, "llama": 13}[kind]).eval()
+    orig = snapshot(dense, names)
+    for nm in names:
+        np.testing.assert_array_equal(logical_weight(model.get_submodule(nm)), orig[nm][0])
+
+    rng = np.random.default_rng(15)
+    thetas = []
+    for gran, ns, roles, kw in spec:
+        t = safe_theta(rng.uniform(-2, 2), _units(dense, gran, ns, roles, kw))
+        set_theta(pruner, ns[-1], t)
+        thetas.append(t)
+    masks, counts = reference_masks(dense, spec, thetas)
+    assert any(k < n for k, n in counts)
+
+    ids = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(16))
+    run = lambda m: m(input_ids=ids).logits  # noqa: E731
+    ref = apply_masks_to_copy(dense, masks).eval()
+    with torch.no_grad():
+        got = run(model)
+        torch.testing.assert_close(got, run(ref), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, run(dense), atol=1e-4)
+    check_effective(model, masks, orig)
+
+    # report, against the independent per-group counts
+    rep = pruner.report()
+    expected_kept = int(sum(np.count_nonzero(wm) for wm, _ in masks.values()))
+    expected_total = int(sum(wm.size for wm, _ in masks.values()))
+    assert rep["kept_weights"] == expected_kept and rep["prunable_weights"] == expected_total
+    assert rep["global_density"] == pytest.approx(expected_kept / expected_total, rel=1e-12)
+    for (gran, ns, _, _), (k, n) in zip(spec, counts):
+        row = next(r for r in rep["groups"] if sorted(r["modules"]) == sorted(ns))
+        kept = int(sum(np.count_nonzero(masks[nm][0]) for nm in ns))
+        numel = int(sum(masks[nm][0].size for nm in ns))
+        assert (row["kept_units"], row["units"], row["kept_weights"], row["weights"]) == (k, n, kept, numel)
+        assert row["density"] == pytest.approx(kept / numel, rel=1e-12)
+
+    _check_finalize(model, pruner, run, masks, orig)
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), run(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_backward_on_bert_hybrid_reaches_every_threshold():
+    """One training step: the regulariser and the task loss reach every group's threshold."""
+    model = tm.tiny_bert(seed=17)
+    pruner = attach(model, {"compression_training": tm.leap_section(tm.HYBRID_BERT, target=0.3)})
+    ids = torch.randint(1, 64, (4, 10), generator=torch.Generator().manual_seed(18))
+    out = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1]))
+    reg = pruner.regularization_loss()
+    # threshold_init 3.0 everywhere: R = sigmoid(3) > 0.3
+    s = 1 / (1 + math.exp(-3.0))
+    L = (s - 0.3) ** 2
+    assert float(reg.detach()) == pytest.approx(max(50.0, 20000.0 * L / 0.49) * L, rel=1e-4)
+    (out.loss + reg).backward()
+    assert len(pruner.groups) == 6
+    for g in pruner.groups:
+        assert g.module.threshold.grad is not None and torch.isfinite(g.module.threshold.grad).all()
+        assert float(g.module.threshold.grad) != 0.0
