@@ -170,8 +170,6 @@ def test_block_size_of_wrong_length():
                  f"{LEAP}.different_groups.ffn_out.params.block_size")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pydantic lax mode coerces JSON booleans: "
-                   "target_density: true is accepted as 1.0 and num_heads: true as 1")
 @pytest.mark.parametrize("make,path", [
     (lambda: shared(target_density=True), "shared_parameters.target_density"),
     (lambda: group("head", lambda g: g["params"].update(num_heads=True)), "different_groups.head.params.num_heads"),
@@ -312,8 +310,6 @@ def test_compression_training_without_leap():
     assert_error(lambda: split_config(source), "compression_training")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (message): split_config's 'compression_training must hold a "
-                   "leap section' error does not name what the section held (e.g. 'sparse_pruning')")
 def test_compression_training_without_leap_names_what_it_found():
     source = tm.ds_config()
     source["compression_training"] = {"sparse_pruning": {"shared_parameters": {"enabled": True}}}
@@ -399,8 +395,6 @@ def test_param_groups_without_learned_scores_has_no_empty_scores_group():
     assert set(_ids(leap_groups[0]["params"])) == set(_ids(p for _, p in added))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: param_groups reads pruner.section, which only attach() "
-                   "sets; a LeapPruner built directly gives AttributeError")
 def test_param_groups_with_a_directly_built_pruner():
     model = tm.tiny_bert()
     pruner = LeapPruner(model, [GroupRule("q", [r"query"], "row")], target_density=0.3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,11 +22,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# strict: JSON true is not the number 1, "0.3" is not 0.3 (ints are still fine for floats)
+Float = Annotated[float, Field(strict=True)]
+Int = Annotated[int, Field(strict=True)]
+
+
 class GroupParams(_Strict):
     granularity: Literal["unstructured", "block", "row", "column", "head"] = "unstructured"
     score: Literal["magnitude", "learned"] | None = None  # default: shared_parameters.score
-    block_size: tuple[int, int] | None = None             # (rows, cols), block granularity only
-    num_heads: int | None = Field(default=None, gt=0)     # head granularity; default from model config
+    block_size: tuple[Int, Int] | None = None             # (rows, cols), block granularity only
+    num_heads: Int | None = Field(default=None, gt=0)     # head granularity; default from model config
 
     @model_validator(mode="after")
     def _block(self):
@@ -53,13 +58,13 @@ class GroupConfig(_Strict):
 
 
 class SharedParameters(_Strict):
-    enabled: bool = True
-    target_density: float = Field(gt=0.0, le=1.0)
-    lambda_max: float = Field(default=20000.0, gt=0.0)
-    threshold_init: float = 10.0
-    threshold_lr: float = Field(default=1e-2, gt=0.0)
-    score_lr: float = Field(default=1e-2, gt=0.0)
-    schedule_offset: int = Field(default=0, ge=0)
+    enabled: Annotated[bool, Field(strict=True)] = True
+    target_density: Float = Field(gt=0.0, le=1.0)
+    lambda_max: Float = Field(default=20000.0, gt=0.0)
+    threshold_init: Float = 10.0
+    threshold_lr: Float = Field(default=1e-2, gt=0.0)
+    score_lr: Float = Field(default=1e-2, gt=0.0)
+    schedule_offset: Int = Field(default=0, ge=0)
     score: Literal["magnitude", "learned"] = "magnitude"
 
 
@@ -134,7 +139,9 @@ def split_config(config) -> tuple[dict, LeapSection | None]:
     if section is None:
         return ds_config, None
     if not isinstance(section, dict) or "leap" not in section:
-        raise LeapConfigError(f"{SECTION} must hold a 'leap' section; leap_ds implements LEAP only "
-                              f"(DeepSpeed 0.19.7+ removed its other compression techniques)")
+        found = sorted(section) if isinstance(section, dict) else type(section).__name__
+        raise LeapConfigError(f"{SECTION} holds {found}, not a 'leap' section; leap_ds implements "
+                              f"LEAP only (DeepSpeed 0.19.7+ removed its other compression "
+                              f"techniques): move the settings under {SECTION}.leap")
     leap = parse_leap_section(section)
     return ds_config, (leap if leap.shared_parameters.enabled else None)

@@ -51,13 +51,19 @@ def attach(model: torch.nn.Module, config) -> LeapPruner:
     return pruner
 
 
-def param_groups(params, pruner: LeapPruner) -> list[dict]:
+def param_groups(params, pruner: LeapPruner, threshold_lr: float | None = None,
+                 score_lr: float | None = None) -> list[dict]:
     """The model's parameter groups, with LEAP's thresholds and scores in their own groups.
 
     ``params``: ``model.parameters()``, or a list of parameter-group dicts.
-    LEAP's groups carry no weight decay and their own learning rate.
+    LEAP's groups carry no weight decay and their own learning rate: the
+    arguments, else the config's ``threshold_lr`` / ``score_lr``, else their defaults.
     """
-    shared = pruner.section.shared_parameters
+    from .config import SharedParameters
+    section = getattr(pruner, "section", None)
+    defaults = section.shared_parameters if section else SharedParameters(target_density=pruner.target_density)
+    threshold_lr = defaults.threshold_lr if threshold_lr is None else threshold_lr
+    score_lr = defaults.score_lr if score_lr is None else score_lr
     leap_ids = {id(p) for p in pruner.parameters()}
     params = list(params)
     if params and isinstance(params[0], dict):
@@ -65,7 +71,7 @@ def param_groups(params, pruner: LeapPruner) -> list[dict]:
     else:
         groups = [{"params": [p for p in params if id(p) not in leap_ids]}]
     groups = [g for g in groups if g["params"]]
-    for kind, lr in (("threshold", shared.threshold_lr), ("scores", shared.score_lr)):
+    for kind, lr in (("threshold", threshold_lr), ("scores", score_lr)):
         owned = list(pruner.parameters(kind))
         if owned:  # never an empty group: ZeRO cannot flatten one
             groups.append({"params": owned, "lr": lr, LEAP_LR: lr, "weight_decay": 0.0,
