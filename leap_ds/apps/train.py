@@ -130,9 +130,14 @@ def _read_json(path):
     return load(os.fspath(path))
 
 
-def fill_scheduler(config: dict, total_steps: int) -> dict:
-    """Our convention: "total_num_steps": "auto" is filled with the run's step count."""
+def fill_auto(config: dict, total_steps: int, output_dir=None) -> dict:
+    """Our convention for values only the run knows: the scheduler's "total_num_steps":
+    "auto" (and "warmup_num_steps": "auto", 10%) and monitors' "output_path": "auto"."""
     config = copy.deepcopy(config)
+    for monitor in ("tensorboard", "csv_monitor", "comet"):
+        section = config.get(monitor)
+        if isinstance(section, dict) and section.get("output_path") == "auto":
+            section["output_path"] = str(Path(output_dir or ".") / "monitor")
     sched = config.get("scheduler", {}).get("params", {})
     if sched.get("total_num_steps") == "auto":
         sched["total_num_steps"] = max(1, total_steps)
@@ -342,7 +347,7 @@ def _main(args):
     if teacher is not None and args.student_init == "teacher":
         student.load_state_dict(teacher.state_dict())
     steps = pruning_steps(args, len(train), raw_config, run.world)
-    config = fill_scheduler(raw_config, steps)
+    config = fill_auto(raw_config, steps, run.out)
     engine, _, _, _ = leap_ds.initialize(model=student, config=config)
     history, evals = [], []
     if resuming:
@@ -434,7 +439,8 @@ def fine_tune_teacher(run, model, train, val, raw_config, inputs, eval_with):
     steps = args.teacher_max_steps or max(1, int(len(train) // global_batch(dense_config, run.world)
                                               * args.teacher_epochs))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=fill_scheduler(dense_config, steps))
+                                      config=fill_auto(
+        {k: v for k, v in dense_config.items() if k not in ("tensorboard", "csv_monitor", "comet")}, steps))
     run.log(f"fine-tuning the dense teacher for {steps} steps")
 
     def loss_fn(eng, batch):

@@ -74,8 +74,10 @@ def param_groups(params, pruner: LeapPruner, threshold_lr: float | None = None,
     for kind, lr in (("threshold", threshold_lr), ("scores", score_lr)):
         owned = list(pruner.parameters(kind))
         if owned:  # never an empty group: ZeRO cannot flatten one
-            groups.append({"params": owned, "lr": lr, LEAP_LR: lr, "weight_decay": 0.0,
-                           "name": f"leap_{kind}"})
+            group = {"params": owned, "lr": lr, LEAP_LR: lr, "weight_decay": 0.0, "name": f"leap_{kind}"}
+            if kind == "threshold":
+                group["betas"] = tuple(defaults.threshold_betas)
+            groups.append(group)
     return groups
 
 

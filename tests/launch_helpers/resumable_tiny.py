@@ -11,7 +11,8 @@ Outputs, all under --output-dir:
                       final_loss, losses, density, densities, thresholds
   starts.jsonl        (rank 0, one line per start) resumed_from_step, slurm_restart_count
   progress.rank<r>    one line per finished step, "<global_step>\n", flushed at once
-and prints "[resumable_tiny] rank R: resumed from step K" (or "starting at step 0").
+and prints "[resumable_tiny] rank R: resumed from PATH at step K" (the wording of
+leap_ds.train) or "... starting at step 0".
 
 Rank r of W trains on rows [r*B/W, (r+1)*B/W) of each global batch of B rows, so runs
 with different rank counts see the same data and agree.
@@ -80,7 +81,8 @@ def main():
         path, _ = engine.load_checkpoint(ckdir)
         assert path is not None, f"could not load the checkpoint in {ckdir}"
         start = engine.global_steps
-        print(f"[resumable_tiny] rank {rank}: resumed from step {start} ({path})", flush=True)
+        # Same wording as leap_ds.train ("[leap-ds] resumed from PATH at step N").
+        print(f"[resumable_tiny] rank {rank}: resumed from {path} at step {start}", flush=True)
     else:
         print(f"[resumable_tiny] rank {rank}: starting at step 0", flush=True)
     if rank == 0:
