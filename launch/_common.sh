@@ -17,6 +17,7 @@
 #     OMP_NUM_THREADS        default 1 on CPU (several ranks share the cores)
 
 LEAP_LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LEAP_REPO_ROOT=$(dirname "$LEAP_LAUNCH_DIR")
 LEAP_DEFAULT_MODULE=${LEAP_DEFAULT_MODULE:-leap_ds.train}
 
 usage() {  # the comment block at the top of the running script, without the '#'
@@ -93,8 +94,8 @@ leap_setup_env() {
         # on a GPU machine asked to run on CPU it must be told.
         if [ "$LEAP_NGPUS" -gt 0 ]; then export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=""; fi
     fi
-    # The program's own directory tree (e.g. `-m leap_ds.train` from the repo root).
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    # The repository root, so `-m leap_ds.train` imports without an installed package.
+    export PYTHONPATH="$LEAP_REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
 leap_free_port() {

@@ -32,7 +32,9 @@
 # outnumber cores), --allow-run-as-root when run as root; TORCH_EXTENSIONS_DIR, PATH,
 # PYTHONPATH, LD_LIBRARY_PATH and every LEAP_*, NCCL_*, GLOO_*, DEEPSPEED_*, DS_*, TORCH_*
 # variable are exported to remote ranks. mpirun stops all ranks when one fails and
-# names it; launch/rank_exec.sh prints a line naming the failed rank too.
+# names it; launch/rank_exec.sh prints a line naming the failed rank too. With a hostfile,
+# the repository (launch/rank_exec.sh, the program) and the Python environment must be at
+# the same paths on every host, and mpirun must reach them by passwordless ssh.
 set -euo pipefail
 # shellcheck source=launch/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

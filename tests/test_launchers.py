@@ -391,6 +391,60 @@ def slurm(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------
+# 0. usage, bad flags, assembled commands (no training)
+# --------------------------------------------------------------------------------------
+SCRIPTS = ["local.sh", "multinode.sh", "mpirun.sh", "rank_exec.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_usage_and_bad_flag(script):
+    for f in [LAUNCH / s for s in SCRIPTS] + [LAUNCH / "slurm" / "leap.sbatch"]:
+        assert os.access(f, os.X_OK), f"{f} is not executable"
+    p = run([LAUNCH / script, "-h"], timeout=60)
+    assert "Usage" in p.stdout
+    if script != "rank_exec.sh":
+        p = run([LAUNCH / script, "--no-such-flag"], timeout=60, check=False)
+        assert p.returncode == 2 and "unknown option '--no-such-flag'" in p.stdout and "Usage" in p.stdout
+    p = run([LAUNCH / "slurm" / "leap.sbatch", "-h"], timeout=60)
+    assert "scontrol requeue" in p.stdout and "#SBATCH" not in p.stdout
+
+
+def test_dry_run_commands():
+    py = sys.executable
+    p = run([LAUNCH / "local.sh", "--dry-run", "-n", 3, "-p", 12345], timeout=60)
+    assert (f"-m deepspeed.launcher.runner --master_port 12345 --num_gpus 3 --no_python "
+            f"{LAUNCH}/rank_exec.sh {py} -u -m leap_ds.train") in p.stdout
+    p = run([LAUNCH / "multinode.sh", "--dry-run", "-H", LAUNCH / "hostfile.example", "--",
+             "--deepspeed_config", "x.json"], timeout=60)
+    assert f"--hostfile {LAUNCH}/hostfile.example --launcher pdsh --no_python" in p.stdout
+    assert p.stdout.rstrip().endswith("-m leap_ds.train --deepspeed_config x.json")
+    p = run([LAUNCH / "multinode.sh", "--dry-run", "--no-ssh", "--nnodes", 3, "--node-rank", 2,
+             "--master-addr", "10.0.0.1", "-n", 2, "--", "tests/workers/train_tiny.py", "--steps", 1], timeout=60)
+    assert "--num_nodes 3 --no_ssh --node_rank 2 --master_addr 10.0.0.1 --num_gpus 2" in p.stdout
+    assert p.stdout.rstrip().endswith("-u tests/workers/train_tiny.py --steps 1")
+    p = run([LAUNCH / "multinode.sh", "--no-ssh", "--nnodes", 2, "--master-addr", "a"], timeout=60, check=False)
+    assert p.returncode == 2 and "--node-rank" in p.stdout
+    if shutil.which("mpirun"):
+        p = run([LAUNCH / "mpirun.sh", "--dry-run", "-n", 4, "--rank-env", "--master-port", 23456, "--",
+                 "-m", "leap_ds.train"], timeout=60)
+        assert "\nmpirun -np 4 --bind-to none" in p.stdout
+        assert "-x MASTER_PORT" in p.stdout and "-x LEAP_RANK_ENV" in p.stdout
+
+
+def test_rank_exec_names_failed_rank(tmp_path):
+    """rank_exec.sh moves --local_rank after the script and names a rank killed by a signal."""
+    script = tmp_path / "prog.py"
+    script.write_text("import os, sys\nprint(sys.argv[1:])\n"
+                      "if os.environ.get('DIE'): os.kill(os.getpid(), 9)\n")
+    p = run([LAUNCH / "rank_exec.sh", "--local_rank=1", sys.executable, "-u", script, "a"], timeout=60)
+    assert "['--local_rank=1', 'a']" in p.stdout
+    p = run([LAUNCH / "rank_exec.sh", sys.executable, script], timeout=60, check=False,
+            env=launch_env(DIE=1, RANK=5, LOCAL_RANK=1))
+    assert p.returncode == 137
+    assert named(p.stdout, 5), p.stdout
+
+
+# --------------------------------------------------------------------------------------
 # 1. one machine
 # --------------------------------------------------------------------------------------
 def test_local_two_ranks_match_one_process(baseline, tmp_path):
