@@ -7,10 +7,18 @@
 
 Layers: :mod:`leap_ds.algorithm` (plain PyTorch), :mod:`leap_ds.integration`
 (DeepSpeed), :mod:`leap_ds.apps` (training entry point, data, export, plots).
+The DeepSpeed-facing names load on first use, so ``leap_ds.algorithm`` works
+without importing DeepSpeed.
 """
 from .algorithm import GroupRule, LeapConfigError, LeapPruner
-from .integration.engine import attach, finalize, initialize, param_groups, report
 
 __version__ = "0.1.0"
-__all__ = ["initialize", "report", "finalize", "attach", "param_groups",
-           "LeapPruner", "LeapConfigError", "GroupRule"]
+_ENGINE_API = ("initialize", "report", "finalize", "attach", "param_groups")
+__all__ = [*_ENGINE_API, "LeapPruner", "LeapConfigError", "GroupRule"]
+
+
+def __getattr__(name):
+    if name in _ENGINE_API:
+        from .integration import engine
+        return getattr(engine, name)
+    raise AttributeError(f"module 'leap_ds' has no attribute {name!r}")

@@ -88,3 +88,20 @@ def test_decoders_match_across_ranks_at_zero3(model, run_tiny):
     assert one["report"]["global_density"] < 0.95
     for rank in two:
         assert_same_trajectory(rank, one)
+
+
+def test_skipped_optimizer_step_does_not_advance_leap(run_tiny):
+    """DeepSpeed reports an fp16-overflow skip through engine.was_step_applied(); CPU refuses
+    fp16, so the skip is reported through that same call at step 5 here."""
+    (run,) = run_tiny(nproc=1, stage=0, steps=8, skip_step_at=5)
+    assert run["leap_step"] == 7 and run["global_steps"] == 8
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_two_ranks_prune_and_finalize(stage, run_tiny):
+    """Parameters (thresholds too) are cast to bf16; keep ratios are computed in fp32."""
+    ranks = run_tiny(nproc=2, stage=stage, steps=STEPS, precision="bf16", finalize=True)
+    assert ranks[0]["report"] == ranks[1]["report"]
+    rep, fin = ranks[0]["report"], ranks[0]["finalize"]
+    assert rep["global_density"] < 0.85
+    assert fin["zeros"] == fin["master_zeros"] == rep["prunable_weights"] - rep["kept_weights"]

@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--finalize", action="store_true")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--overflow-at", type=int, default=None, help="make this micro-step overflow")
+    ap.add_argument("--skip-step-at", type=int, default=None,
+                    help="report this optimizer step as skipped through engine.was_step_applied(), "
+                         "as DeepSpeed does on an fp16 overflow (fp16 is refused on CPU)")
     ap.add_argument("--load", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1)
@@ -96,7 +99,13 @@ def main():
         if i == args.overflow_at:
             loss = loss * float("inf")  # a real fp16 overflow: DeepSpeed skips this step
         engine.backward(loss)
-        engine.step()
+        if args.skip_step_at is not None and i // args.grad_accum == args.skip_step_at:
+            applied = engine.was_step_applied
+            engine.was_step_applied = lambda: False
+            engine.step()
+            engine.was_step_applied = applied
+        else:
+            engine.step()
         loss = out.loss.detach().float().clone()
         dist.all_reduce(loss)
         micro_losses.append(loss.item() / world)
