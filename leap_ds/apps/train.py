@@ -190,7 +190,6 @@ def batch_to(batch, keys):
 
 def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, history, evals, state_hook=None):
     """The usual DeepSpeed loop; LEAP needs nothing more than engine(...)/backward/step."""
-    import torch
     from .batching import GlobalBatchSampler
     args = run.args
     sampler = GlobalBatchSampler(len(train), engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(),
@@ -233,7 +232,7 @@ def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, histor
             if step >= steps:
                 break
     bar.close()
-    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    run.barrier()
 
 
 def save_checkpoint(run, engine, history, evals):
@@ -357,8 +356,8 @@ def _main(args):
         if path is not None:
             history, evals = client.get("history", []), client.get("evals", [])
             run.log(f"resumed from {path} at step {engine.global_steps}")
-    dcfg = __import__("leap_ds.apps.distill", fromlist=["DistillConfig"])
-    kd = dcfg.DistillConfig(args.alpha_ce, args.alpha_kd, args.temperature, hidden=not args.no_hidden_distill)
+    from .distill import DistillConfig, distillation_loss
+    kd = DistillConfig(args.alpha_ce, args.alpha_kd, args.temperature, hidden=not args.no_hidden_distill)
 
     def loss_fn(eng, batch):
         labels = batch["labels"]
@@ -367,7 +366,7 @@ def _main(args):
         out = eng(**batch_to(batch, inputs), output_hidden_states=kd.hidden)
         with torch.no_grad():
             t_out = teacher(**batch_to(batch, inputs), output_hidden_states=kd.hidden)
-        return dcfg.distillation_loss(out, t_out, labels, kd)
+        return distillation_loss(out, t_out, labels, kd)
 
     def leap_state():
         rep = leap_ds.report(engine)

@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
-import torch  # noqa: E402
 
 import leap_ds  # noqa: E402
 from leap_ds.integration.zero import local_slice  # noqa: E402
