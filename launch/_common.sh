@@ -39,6 +39,7 @@ leap_python() {
     command -v python 2>/dev/null || command -v python3 2>/dev/null || echo python3
 }
 
+# shellcheck disable=SC2034  # PROG_* are read by the scripts that source this file
 # leap_parse_program ARGS...: sets PROG_CMD (array: python -u [-m MOD | SCRIPT]),
 # PROG_DESC (text) and PROG_ARGS (array).
 leap_parse_program() {

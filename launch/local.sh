@@ -7,7 +7,8 @@
 #             If the first word after `--` is an option (e.g. --deepspeed_config), all
 #             words go to the default program.
 # Options:
-#   -n, --nproc N         ranks to start (default: number of GPUs; 1 on CPU)   [env NPROC]
+#   -n, --nproc N         ranks to start (default: number of GPUs, or of
+#                         CUDA_VISIBLE_DEVICES; 1 on CPU)                    [env NPROC]
 #   -p, --master-port P   rendezvous port on 127.0.0.1 (default: a free port)  [env MASTER_PORT]
 #   -d, --device D        cpu | gpu | auto (default auto: gpu when nvidia-smi lists a GPU)
 #                                                                            [env LEAP_DEVICE]
@@ -17,8 +18,8 @@
 #
 # CPU (no GPU, or --device cpu): `deepspeed --num_gpus N` starts N CPU processes that
 # talk over gloo; OMP_NUM_THREADS defaults to 1 so ranks do not fight over cores.
-# GPU: `deepspeed --num_gpus N` (or --include localhost:<CUDA_VISIBLE_DEVICES> when that is
-# set), NCCL.
+# GPU: `deepspeed --num_gpus N`, NCCL; when CUDA_VISIBLE_DEVICES is set, its first N GPUs
+# (deepspeed then takes the GPUs from that variable).
 # TORCH_EXTENSIONS_DIR defaults to ~/.cache/leap_ds/torch_extensions so DeepSpeed's C++
 # ops are compiled once and reused. PYTHON selects the interpreter.
 # Each rank runs through launch/rank_exec.sh, which names the rank that failed; when any
@@ -56,19 +57,26 @@ leap_parse_program "$@"
 leap_resolve_device
 leap_setup_env
 
+visible=()
+if [ "$LEAP_DEVICE" = gpu ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+fi
 if [ -z "$NPROC" ]; then
-    if [ "$LEAP_DEVICE" = gpu ]; then NPROC=$LEAP_NGPUS; else NPROC=1; fi
+    if [ ${#visible[@]} -gt 0 ]; then NPROC=${#visible[@]}
+    elif [ "$LEAP_DEVICE" = gpu ]; then NPROC=$LEAP_NGPUS
+    else NPROC=1; fi
 fi
 leap_valid_int "--nproc" "$NPROC" 1
 [ -n "$PORT" ] || PORT=$(leap_free_port)
 leap_valid_int "--master-port" "$PORT" 1
 
 launcher=("$(leap_python)" -u -m deepspeed.launcher.runner --master_port "$PORT")
-if [ "$LEAP_DEVICE" = gpu ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-    IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+if [ ${#visible[@]} -gt 0 ]; then
+    # deepspeed's own single-node rule: with no count flag it uses exactly the
+    # CUDA_VISIBLE_DEVICES GPUs, so keep the first NPROC of them.
     [ "$NPROC" -le "${#visible[@]}" ] || leap_die_usage "--nproc $NPROC > ${#visible[@]} visible GPUs"
-    include=$(IFS=,; echo "${visible[*]:0:$NPROC}")
-    launcher+=(--include "localhost:$include")
+    CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${visible[*]:0:$NPROC}")
+    export CUDA_VISIBLE_DEVICES
 else
     if [ "$LEAP_DEVICE" = gpu ] && [ "$NPROC" -gt "$LEAP_NGPUS" ]; then
         leap_die_usage "--nproc $NPROC > $LEAP_NGPUS GPUs"

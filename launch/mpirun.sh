@@ -18,6 +18,9 @@
 #                          host, else 127.0.0.1)                         [env MASTER_ADDR]
 #       --master-port P    rendezvous port with --rank-env (default: free port, 29500
 #                          with a hostfile)                              [env MASTER_PORT]
+#                          With mpi4py discovery the flag (not the env var) exports
+#                          MASTER_PORT, which only counts if the program passes it on
+#                          as init_distributed(distributed_port=...).
 #   -x, --export VAR       also export VAR to the ranks (repeatable)
 #       --mpi-arg ARG      extra argument for mpirun, e.g. --mpi-arg=--mca (repeatable)
 #   -d, --device D         cpu | gpu | auto (default auto)                 [env LEAP_DEVICE]
@@ -27,7 +30,8 @@
 # mpi4py discovery (the default) takes MASTER_ADDR from `hostname -I` on rank 0 and
 # MASTER_PORT from the program's init_distributed(distributed_port=...), 29500 unless the
 # program passes another; RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT are removed
-# from the environment so discovery always runs. Use --rank-env to pick the port.
+# from the environment so discovery always runs. Use --rank-env to pick the port with any
+# program.
 # Always: OMP_NUM_THREADS=1 on CPU, --bind-to none, --oversubscribe on CPU (ranks may
 # outnumber cores), --allow-run-as-root when run as root; TORCH_EXTENSIONS_DIR, PATH,
 # PYTHONPATH, LD_LIBRARY_PATH and every LEAP_*, NCCL_*, GLOO_*, DEEPSPEED_*, DS_*, TORCH_*
@@ -45,6 +49,7 @@ NPERNODE=""
 RANK_ENV=0
 ADDR=${MASTER_ADDR:-}
 PORT=${MASTER_PORT:-}
+PORT_GIVEN=0
 EXTRA_EXPORTS=()
 MPI_ARGS=()
 while [ $# -gt 0 ]; do
@@ -58,8 +63,8 @@ while [ $# -gt 0 ]; do
         --rank-env) RANK_ENV=1; shift ;;
         --master-addr) leap_need_value "$1" $#; ADDR=$2; shift 2 ;;
         --master-addr=*) ADDR=${1#*=}; shift ;;
-        --master-port) leap_need_value "$1" $#; PORT=$2; shift 2 ;;
-        --master-port=*) PORT=${1#*=}; shift ;;
+        --master-port) leap_need_value "$1" $#; PORT=$2; PORT_GIVEN=1; shift 2 ;;
+        --master-port=*) PORT=${1#*=}; PORT_GIVEN=1; shift ;;
         -x|--export) leap_need_value "$1" $#; EXTRA_EXPORTS+=("$2"); shift 2 ;;
         --export=*) EXTRA_EXPORTS+=("${1#*=}"); shift ;;
         --mpi-arg) leap_need_value "$1" $#; MPI_ARGS+=("$2"); shift 2 ;;
@@ -107,6 +112,9 @@ if [ "$RANK_ENV" = 1 ]; then
 else
     # Let the program's mpi4py discovery fill these (it only runs when one is missing).
     unset RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE MASTER_ADDR MASTER_PORT LEAP_RANK_ENV
+    # Discovery sets MASTER_PORT to init_distributed's distributed_port; a program that
+    # passes distributed_port=int(os.environ.get("MASTER_PORT", 29500)) honours this.
+    if [ "$PORT_GIVEN" = 1 ]; then leap_valid_int "--master-port" "$PORT" 1; export MASTER_PORT=$PORT; fi
 fi
 
 cmd=(mpirun -np "$NP" --bind-to none)

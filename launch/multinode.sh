@@ -104,6 +104,7 @@ if [ -n "$IFNAME" ]; then export GLOO_SOCKET_IFNAME=$IFNAME NCCL_SOCKET_IFNAME=$
 
 launcher=("$(leap_python)" -u -m deepspeed.launcher.runner --master_port "$PORT")
 tmp_files=()
+# shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() { [ ${#tmp_files[@]} -eq 0 ] || rm -f "${tmp_files[@]}"; }
 trap cleanup EXIT
 

@@ -63,6 +63,7 @@ lrank=${LOCAL_RANK:-${OMPI_COMM_WORLD_LOCAL_RANK:-${SLURM_LOCALID:-?}}}
 host=$(hostname 2>/dev/null || echo '?')
 
 stopped_by=""
+# shellcheck disable=SC2317  # called by the traps below
 forward() {  # forward SIG: pass a signal on to the program
     stopped_by=$1
     # A background child of a non-interactive shell ignores SIGINT: send TERM instead.

@@ -7,13 +7,15 @@ Debian slurm packages). Total: a few minutes on 2 CPU cores with a warm extensio
 (TORCH_EXTENSIONS_DIR, default /tmp/leap_ds_torch_ext); the first run on a machine also
 compiles DeepSpeed's small C++ op once (~2 min).
 
+  0. -h / bad flags / --dry-run commands of every script; rank_exec.sh on its own
   1. local.sh / mpirun.sh: 2 ranks == 1 process (final loss, density, thresholds, 1e-4 rel.)
   2. multinode.sh --no-ssh: one rank in each of two network namespaces, rendezvous over
      the veth addresses 10.231.0.1/10.231.0.2, == 1 process
   3. leap.sbatch on a local Slurm cluster: the tiny job (1 node x 2 tasks, CPU) == 1
      process with one log per rank; then a long job is requeued twice (`scontrol
      requeue`, then SIGUSR1 to the batch script, which requeues itself) and each attempt
-     resumes from the newest checkpoint, not step 0
+     resumes from the newest checkpoint, not step 0; SIGTERM to a running job requeues
+     it, a plain `scancel` cancels it for good
   4. SIGKILL one rank mid-run under local.sh, mpirun.sh, multinode.sh (two namespaces)
      and Slurm: every rank and the launcher exit within KILL_DEADLINE_S, non-zero, and
      the output names the killed rank
@@ -73,11 +75,10 @@ class TrainCLI:
     job needs none: its steps take long enough).
     steps: optimizer steps of the compared runs; long_steps: of the requeued run.
     Compared with one process: every number among VALUE_KEYS in metrics.json and the
-    thresholds ("thresholds", or "threshold" of each entry of "groups"). (The losses in
-    leap_ds.train's history.json are rank 0's own micro-batch losses, which differ with
-    the number of ranks, so they are not compared.)
+    thresholds ("thresholds", or "threshold" of each entry of "groups"), and the
+    training loss averaged over ranks (final_train_loss).
     """
-    VALUE_KEYS = ("final_loss", "loss", "accuracy", "f1", "density", "achieved_density", "global_density")
+    VALUE_KEYS = ("final_train_loss", "final_loss", "loss", "accuracy", "f1", "density", "achieved_density", "global_density")
     resume_args = "--resume auto"
     resume_log = re.compile(r"resumed from \S+ at step (\d+)")  # printed by a resumed rank 0
 
@@ -120,9 +121,13 @@ MAIN_JOB = TrainCLI(["-m", "leap_ds.train", "--no-distill", "--max-train-samples
                      "--max-eval-samples", "32", "--max-seq-length", "32", "--eval-interval", "0",
                      "--log-interval", "1"],
                     save=["--checkpoint-interval", "2"], steps=6, long_steps=16)
-PROGRAM, RESUMABLE = TINY, TINY_RESUMABLE
+# The comparisons run the real main job; the kill and requeue tests, which need long,
+# slow runs, use its CLI mirror on a tiny model to keep the suite short.
+PROGRAM, RESUMABLE = MAIN_JOB, TINY_RESUMABLE
 if os.environ.get("LEAP_LAUNCH_TESTS_PROGRAM") == "main":
     PROGRAM = RESUMABLE = MAIN_JOB
+elif os.environ.get("LEAP_LAUNCH_TESTS_PROGRAM") == "tiny":
+    PROGRAM = TINY
 
 KILL_STEPS = 2000        # "forever" (10 min and more): runs that get a rank killed
 KILL_DEADLINE_S = 120    # every process must be gone this long after the SIGKILL
@@ -568,6 +573,33 @@ def test_slurm_requeue_resumes_from_checkpoint(slurm, tmp_path):
         assert sorted(f.name for f in (logs / f"attempt-{attempt}").glob("rank-*.log")) == \
             ["rank-0.log", "rank-1.log"]
     assert RESUMABLE.final_step(out) == RESUMABLE.long_steps
+
+
+def test_slurm_term_requeues_but_scancel_cancels(slurm, tmp_path):
+    """SIGTERM to a RUNNING job (as preemption with a grace time sends) requeues it; a
+    user's plain `scancel` must end it for good, not requeue it."""
+    out = tmp_path / "run"
+    batch_out = tmp_path / "batch.out"
+    jobid = slurm.sbatch(batch_out, RESUMABLE.argv(out, KILL_STEPS, save=True, slow=True),
+                         LEAP_LOG_DIR=tmp_path / "logs")
+
+    def ranks_running(attempt):
+        text = batch_out.read_text() if batch_out.exists() else ""
+        return f"attempt {attempt} on" in text and len(rank_pids(str(out))) == 2
+    wait_for(lambda: ranks_running(0), RUN_TIMEOUT_S, "attempt 0's ranks")
+    slurm.cmd("scancel", "--batch", "--signal=TERM", jobid)
+    job = slurm.wait_state(jobid, {"PENDING"}, 120)
+    assert job["Restarts"] == "1", job
+    slurm.start_now(jobid)
+    wait_for(lambda: ranks_running(1), RUN_TIMEOUT_S, "attempt 1's ranks")
+    slurm.cmd("scancel", jobid)
+    slurm.wait_state(jobid, {"CANCELLED"}, 120)
+    wait_for(lambda: not rank_pids(str(out)), 120, "the ranks to exit")
+    time.sleep(3)
+    job = slurm.job(jobid)
+    text = batch_out.read_text()
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "1", f"{job}\n{text}"
+    assert "SIGTERM (job state RUNNING)" in text and "not requeueing" in text, text
 
 
 # --------------------------------------------------------------------------------------

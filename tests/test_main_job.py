@@ -23,6 +23,7 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
     torch.manual_seed(0)
+    # default dropout (0.1) on purpose: evaluation must switch it off
     cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
                      num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
     BertForSequenceClassification(cfg).save_pretrained(path)
@@ -89,8 +90,8 @@ def test_outputs_and_exported_model(finished_run):
 
     # the exported model is plain transformers and reproduces the logged accuracy
     accuracy, model = plain_accuracy(out / "model")
-    assert accuracy == pytest.approx(metrics["accuracy"], abs=1 / 128 + 1e-9)
-    assert metrics["exported_model_accuracy"] == pytest.approx(metrics["accuracy"], abs=1 / 128 + 1e-9)
+    assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-9)
+    assert metrics["exported_model_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
     assert not any("leap" in k for k in model.state_dict())
 
     # achieved density: within the documented band, and counted again from the weights.

@@ -30,9 +30,20 @@ def _counts(predict, dataset, batch_size, rank, world, num_labels):
     return counts
 
 
-def evaluate(predict, dataset, batch_size, num_labels, rank=0, world=1) -> dict:
-    """``predict(batch dict) -> logits``. Returns accuracy (and f1) on every rank."""
-    counts = _counts(predict, dataset, batch_size, rank, world, num_labels)
+def evaluate(predict, dataset, batch_size, num_labels, rank=0, world=1, module=None) -> dict:
+    """``predict(batch dict) -> logits``. Returns accuracy (and f1) on every rank.
+
+    ``module`` (the engine or model behind ``predict``) is put in eval mode
+    (no dropout) for the evaluation and back in its previous mode after.
+    """
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    try:
+        counts = _counts(predict, dataset, batch_size, rank, world, num_labels)
+    finally:
+        if was_training:
+            module.train()
     if world > 1:
         tdist.all_reduce(counts)
     result = {"accuracy": float(counts[0] / counts[1]), "examples": int(counts[1])}

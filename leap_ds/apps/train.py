@@ -164,6 +164,16 @@ class Run:
         if self.main:
             print(f"[leap-ds] {msg}", flush=True)
 
+    def mean_over_ranks(self, value: float) -> float:
+        """The global batch's loss, whatever the number of ranks."""
+        import torch
+        import torch.distributed as tdist
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        tdist.all_reduce(t)
+        return float(t) / self.world
+
     def barrier(self):
         import torch.distributed as tdist
         if tdist.is_initialized():
@@ -212,7 +222,7 @@ def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, histor
             if not boundary:
                 continue
             step = engine.global_steps
-            record = {"step": step, "loss": sum(micro_losses) / len(micro_losses),
+            record = {"step": step, "loss": run.mean_over_ranks(sum(micro_losses) / len(micro_losses)),
                       "sec_per_step": time.time() - tick}
             micro_losses, tick = [], time.time()
             if state_hook:
@@ -299,7 +309,9 @@ def _main(args):
     if not args.verbose:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True)
+    # under mpirun, mpi4py discovery would otherwise fix the port at 29500
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     run = Run(args)
     if run.main and args.overwrite:
         for name in ("metrics.json", "checkpoints", "model", "teacher", "history.json", "report.png"):
@@ -318,7 +330,7 @@ def _main(args):
 
     def eval_with(forward):
         return lambda: evaluate(lambda b: forward(**batch_to(b, inputs)).logits, val, 64, num_labels,
-                                run.rank, run.world)
+                                run.rank, run.world, module=forward)
 
     # -------- teacher: given, or fine-tuned dense first (skipped when resuming a pruning run)
     teacher, dense_metrics = None, None
@@ -398,6 +410,7 @@ def _main(args):
         "prunable_weights": report["prunable_weights"], "kept_weights": report["kept_weights"],
         "groups": [{k: g[k] for k in ("name", "granularity", "modules", "units", "kept_units", "density",
                                        "threshold")} for g in report["groups"]],
+        "final_train_loss": history[-1]["loss"] if history else None,
         "steps": engine.global_steps, "world_size": run.world, "zero_stage": engine.zero_optimization_stage(),
         "train_rows": len(train), "validation_rows": len(val), "model": args.model, "data": data.source,
         "seed": args.seed, "distillation": distill and teacher is not None,

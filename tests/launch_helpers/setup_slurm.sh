@@ -18,7 +18,7 @@
 # Exit status: 0 ok; 2 usage; 3 cannot install (no root / apt failed); 4 start failed.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 die() { echo "setup_slurm.sh: $*" >&2; exit "${2:-4}"; }
 
@@ -82,8 +82,7 @@ cmd_start() {
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" \
         --seed-file="$dir/munge/munged.seed" \
         || die "munged failed to start (see $dir/log/munged.log)"
-    local i
-    for i in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+    for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
     [ -S "$sock" ] || die "munged socket $sock did not appear"
 
     # --- slurm.conf ---------------------------------------------------------
@@ -136,11 +135,11 @@ EOF
     export SLURM_CONF=$dir/slurm.conf
 
     slurmctld -f "$dir/slurm.conf" -i || die "slurmctld failed (see $dir/log/slurmctld.log)"
-    for i in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
+    for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
     scontrol ping >/dev/null 2>&1 || { tail -n 20 "$dir/log/slurmctld.log" >&2; die "slurmctld not answering"; }
     slurmd -f "$dir/slurm.conf" -N localhost || { tail -n 20 "$dir/log/slurmd.log" >&2; die "slurmd failed"; }
     local state=""
-    for i in $(seq 150); do
+    for _ in $(seq 150); do
         state=$(sinfo -h -N -n localhost -o '%T' 2>/dev/null | head -n1 || true)
         case "$state" in idle|idle\~) break ;; esac
         sleep 0.2
@@ -156,14 +155,14 @@ EOF
 }
 
 stop_pidfile() {  # stop_pidfile FILE NAME: TERM, wait up to 10 s, then KILL
-    local f=$1 name=$2 pid i
+    local f=$1 name=$2 pid
     [ -f "$f" ] || return 0
     pid=$(cat "$f" 2>/dev/null || true)
     [ -n "$pid" ] || return 0
     # Only signal the process if it still is the daemon we started.
     if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$name"; then
         kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$f"
