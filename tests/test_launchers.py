@@ -75,10 +75,12 @@ class TrainCLI:
     job needs none: its steps take long enough).
     steps: optimizer steps of the compared runs; long_steps: of the requeued run.
     Compared with one process: every number among VALUE_KEYS in metrics.json and the
-    thresholds ("thresholds", or "threshold" of each entry of "groups"), and the
-    training loss averaged over ranks (final_train_loss).
+    thresholds ("thresholds", or "threshold" of each entry of "groups"). The main job's
+    training loss (final_train_loss) is not compared: MiniLM trains with dropout, whose
+    random masks differ between 1 process and 2 ranks (the dropout-free tiny worker in
+    tests/test_distributed.py shows equal losses).
     """
-    VALUE_KEYS = ("final_train_loss", "final_loss", "loss", "accuracy", "f1", "density", "achieved_density", "global_density")
+    VALUE_KEYS = ("final_loss", "loss", "accuracy", "f1", "density", "achieved_density", "global_density")
     resume_args = "--resume auto"
     resume_log = re.compile(r"resumed from \S+ at step (\d+)")  # printed by a resumed rank 0
 
