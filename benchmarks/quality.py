@@ -97,15 +97,17 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every pruning run (default 220)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every pruning run (default 150)")
     p.add_argument("--teacher-steps", type=int, default=None, help="dense fine-tuning steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 32)")
-    p.add_argument("--max-seq-length", type=int, default=None, help="tokens per row (default 48)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 16)")
+    p.add_argument("--max-seq-length", type=int, default=None, help="tokens per row (default 32)")
     p.add_argument("--densities", default=None, help="comma-separated target densities (default 0.5,0.2,0.1)")
     p.add_argument("--methods", default=None, help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     p.add_argument("--max-train-samples", type=int, default=None, help="first N training rows (default: all)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="first N validation rows (default: all)")
-    p.add_argument("--lr", type=float, default=None, help="peak lr of the weights (default: default.json's, 5e-5)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak lr of the weights in every pruning run (default: ds_configs/default.json's)")
+    p.add_argument("--teacher-lr", type=float, default=None, help="peak lr of the dense fine-tuning (default: --lr)")
     p.add_argument("--score-lr", type=float, default=None,
                    help="peak lr of movement pruning's scores (default: LEAP's score_lr from default.json)")
     p.add_argument("--gmp-interval", type=int, default=0,
@@ -113,7 +115,8 @@ def build_parser():
     p.add_argument("--prune-fraction", type=float, default=0.7,
                    help="cubic schedules (gmp, movement) reach the target at this fraction of the steps")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (separate processes)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel, each in its own process (default 2; --smoke: 1, in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps, one density, a tiny slice; writes to --out or a temp dir")
@@ -128,10 +131,11 @@ def build_parser():
 
 def resolve_args(args):
     smoke = args.smoke
-    defaults = dict(steps=4 if smoke else 220, teacher_steps=4 if smoke else 300,
-                    batch_size=8 if smoke else 32, max_seq_length=32 if smoke else 48,
+    defaults = dict(steps=4 if smoke else 150, teacher_steps=4 if smoke else 300,
+                    batch_size=8 if smoke else 16, max_seq_length=32,
                     densities="0.2" if smoke else "0.5,0.2,0.1",
-                    max_train_samples=64 if smoke else None, max_eval_samples=64 if smoke else None)
+                    max_train_samples=64 if smoke else None, max_eval_samples=64 if smoke else None,
+                    jobs=1 if smoke else 2)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -148,6 +152,8 @@ def resolve_args(args):
     shared = default_leap_shared()
     if args.lr is None:
         args.lr = float(json.load(open(ROOT / "ds_configs" / "default.json"))["optimizer"]["params"]["lr"])
+    if args.teacher_lr is None:
+        args.teacher_lr = args.lr
     if args.score_lr is None:
         args.score_lr = float(shared.get("score_lr", 0.01))
     args.leap_shared = shared
@@ -164,15 +170,27 @@ def model_path(args) -> str:
     return args.model or resolve_model_path(EMBEDDED_MODEL)
 
 
-def settings_key(args, *extra) -> str:
-    keys = dict(model=model_path(args), batch=args.batch_size, seq=args.max_seq_length, lr=args.lr,
+def settings_key(args, *extra, lr=None) -> str:
+    keys = dict(model=model_path(args), batch=args.batch_size, seq=args.max_seq_length,
+                lr=args.lr if lr is None else lr,
                 train=args.max_train_samples, seed=args.seed)
     blob = json.dumps([keys, *extra], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- data and model
+_DATA = {}
+
+
 def load_data(args):
+    """(train, validation, label names), tokenized; cached per process."""
+    key = (model_path(args), args.max_seq_length, args.max_train_samples, args.max_eval_samples)
+    if key not in _DATA:
+        _DATA[key] = _load_data(args)
+    return _DATA[key]
+
+
+def _load_data(args):
     import datasets
     import transformers
     transformers.logging.set_verbosity_error()
@@ -292,7 +310,7 @@ def distill_loss_fn(teacher):
 def get_teacher(args, train, val, num_labels, log=print):
     """Dense fine-tuning (cross-entropy, the same optimizer settings), cached by its settings."""
     import torch
-    cache = Path(args.work_dir) / f"teacher-{settings_key(args, 'teacher', args.teacher_steps)}"
+    cache = Path(args.work_dir) / f"teacher-{settings_key(args, 'teacher', args.teacher_steps, lr=args.teacher_lr)}"
     if (cache / "model.pt").exists() and (cache / "metrics.json").exists():
         log(f"teacher: cached in {cache}")
         return cache
@@ -303,7 +321,7 @@ def get_teacher(args, train, val, num_labels, log=print):
     def ce(m, batch):
         return m(**{k: batch[k] for k in INPUTS if k in batch}, labels=batch["labels"]).loss, {}
     train_loop(model, train, args, args.teacher_steps, loss_fn=ce,
-               groups=[{"params": list(model.parameters())}], tag="teacher")
+               groups=[{"params": list(model.parameters()), "lr": args.teacher_lr}], tag="teacher")
     train_s = time.time() - t0
     metrics = evaluate_model(model, val, num_labels)
     density, nz, tot = count_density(model)
@@ -325,14 +343,29 @@ def load_teacher(args, cache, num_labels):
 
 
 # ----------------------------------------------------------------------------- baselines
+def exact_topk(scores, k: int):
+    """0/1 float tensor with exactly k ones on the highest scores: leap_ds's own selection when it
+    has one (the same cost LEAP pays), else torch.topk."""
+    import torch
+    try:
+        from leap_ds.algorithm.mask import topk_indicator
+    except ImportError:
+        topk_indicator = None
+    if topk_indicator is not None:
+        return topk_indicator(scores.detach(), k).to(scores.dtype)
+    n = scores.numel()
+    mask = torch.zeros(n, dtype=scores.dtype)
+    if k >= n:
+        mask.fill_(1)
+    elif k > 0:
+        mask[torch.topk(scores.detach().flatten(), k, sorted=False).indices] = 1
+    return mask.view_as(scores)
+
+
 def magnitude_mask(weight, density: float):
     """Per-matrix magnitude mask keeping round(density * n) largest |w|."""
-    import torch
-    n = weight.numel()
-    k = max(1, int(round(density * n)))
-    mask = torch.zeros(n, dtype=weight.dtype)
-    mask[torch.topk(weight.detach().abs().flatten(), k, sorted=False).indices] = 1
-    return mask.view_as(weight)
+    k = max(1, int(round(density * weight.numel())))
+    return exact_topk(weight.detach().abs(), k)
 
 
 def run_magnitude(model, teacher, train, args, target, gradual: bool, tag):
@@ -384,12 +417,7 @@ class _TopKStraightThrough:
         class F(torch.autograd.Function):
             @staticmethod
             def forward(ctx, scores, k):
-                mask = torch.zeros(scores.numel(), dtype=scores.dtype)
-                if k >= scores.numel():
-                    mask.fill_(1)
-                elif k > 0:
-                    mask[torch.topk(scores.detach().flatten(), k, sorted=False).indices] = 1
-                return mask.view_as(scores)
+                return exact_topk(scores, k)
 
             @staticmethod
             def backward(ctx, grad):
@@ -488,7 +516,8 @@ def run_one(spec):
               "nonzero_weights": nz, "prunable_weights": tot, "accuracy": metrics["accuracy"],
               "f1": metrics.get("f1"), "eval_examples": metrics["examples"], "train_s": round(train_s, 1),
               "wall_s": round(time.time() - t0, 1), "steps": args.steps,
-              "sec_per_step": round(train_s / max(1, args.steps), 3), "history": history, **extra}
+              "sec_per_step": round(train_s / max(1, args.steps), 3), "history": history,
+              "finished_at": time.time(), **extra}
     print(f"[{tag}] done: accuracy {result['accuracy']:.4f} density {density:.4f} "
           f"({result['wall_s']} s)", flush=True)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -543,7 +572,7 @@ def write_report(args, dense, results, out: Path, wall_s: float, command: str):
         f"over 10% then linear decay to 0, gradient clipping 1.0 over all trainable parameters; distillation "
         f"from the same dense teacher with leap_ds.apps.distill (alpha_ce 0.1, alpha_kd 0.9, T 2, hidden-state "
         f"MSE); every student starts from the teacher. Teacher: {args.teacher_steps} steps of dense fine-tuning "
-        f"(cross-entropy, the same optimizer settings).",
+        f"(cross-entropy, the same optimizer settings, peak lr {args.teacher_lr:g}).",
         "",
         f"LEAP hyperparameters (ds_configs/default.json shared_parameters, the same for every target and "
         f"granularity, only target_density changed): "
@@ -576,17 +605,32 @@ def write_report(args, dense, results, out: Path, wall_s: float, command: str):
                          f"{r['achieved_density'] - r['target_density']:+.4f} | {r.get('leap_lambda', 0):g} |")
         lines.append("")
     lines += ["![accuracy vs density](quality.png)", "",
-              "## Observations", "", *observations(rows, dense), "",
+              "## Observations", ""]
+    notes = out / "quality_notes.md"
+    if notes.is_file():   # hand-written interpretation of a finished run, kept across regenerations
+        lines += [notes.read_text().strip(), ""]
+    lines += ["Computed from the table:", "", *observations(rows, dense), "",
               "## Run", "",
               f"- command: `{command}`",
               f"- seed: {args.seed}",
               f"- machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}, torch {info['torch']}, "
-              f"deepspeed {info['deepspeed']}, transformers {info['transformers']}",
-              f"- wall time of this invocation: {wall_s / 60:.1f} min (teacher {dense.get('wall_s', 0):.0f} s, "
-              f"cached teachers and runs are reused)",
+              f"deepspeed {info['deepspeed']}, transformers {info['transformers']}; no GPU",
+              f"- wall time: {elapsed_text(dense, rows, wall_s)}",
               f"- settings: `{json.dumps(s)}`",
-              "- per-run histories (loss, density, lambda per step): quality.json", ""]
+              "- per-run histories (loss, density, lambda every 20 steps): quality.json; log: quality.log", ""]
     (out / "quality.md").write_text("\n".join(lines))
+
+
+def elapsed_text(dense, rows, wall_s) -> str:
+    """Teacher + every run, from the cached results' timestamps (a report regenerated from the
+    cache still shows the benchmark's real duration)."""
+    total = dense.get("wall_s", 0) + sum(r["wall_s"] for r in rows)
+    text = f"{total / 60:.1f} min of run time (teacher {dense.get('wall_s', 0):.0f} s + {len(rows)} runs)"
+    ends = [r.get("finished_at") for r in rows if r.get("finished_at")]
+    if ends and dense.get("started_at"):
+        text += (f"; {(max(ends) - dense['started_at']) / 60:.1f} min elapsed from the teacher's start to the "
+                 f"last run's end")
+    return text + f"; this invocation {wall_s / 60:.1f} min"
 
 
 def observations(rows, dense) -> list[str]:
@@ -653,7 +697,8 @@ def plot(rows, dense, path):
 
 def settings_dict(args) -> dict:
     return {k: getattr(args, k) for k in ("steps", "teacher_steps", "batch_size", "max_seq_length", "densities",
-                                          "methods", "max_train_samples", "max_eval_samples", "lr", "score_lr",
+                                          "methods", "max_train_samples", "max_eval_samples", "lr", "teacher_lr",
+                                          "score_lr",
                                           "gmp_interval", "prune_fraction", "seed", "jobs", "threads")}
 
 
@@ -671,6 +716,7 @@ def main(argv=None):
     teacher_dir = get_teacher(args, train, val, len(labels))
     dense = json.load(open(teacher_dir / "metrics.json"))
     dense["train_rows"] = len(train)
+    dense.setdefault("started_at", (teacher_dir / "model.pt").stat().st_mtime - dense.get("wall_s", 0))
 
     run_key = settings_key(args, "runs", args.steps, args.teacher_steps, args.max_eval_samples, args.gmp_interval,
                            args.prune_fraction, args.score_lr, args.leap_shared)
@@ -681,7 +727,7 @@ def main(argv=None):
         for m in args.methods:
             f = run_dir / f"{m}_{d:g}.json"
             if f.exists() and not args.rerun:
-                results.append(json.load(open(f)))
+                results.append({"finished_at": f.stat().st_mtime, **json.load(open(f))})
                 print(f"[{m}@{d:g}] cached: {f}", flush=True)
                 continue
             specs.append({"method": m, "density": d, "args": plain, "teacher": str(teacher_dir), "file": str(f)})
