@@ -189,7 +189,8 @@ def round_robin(engines: dict, batches: dict, warmup: int, steps: int) -> dict:
 
 def mask_time(engine, repeats: int = 3) -> float:
     """Seconds LEAP spends computing every group's hard mask once (what each forward adds before the
-    masked matmuls): unit scores + top-k, as LeapPruner does in the forward."""
+    masked matmuls): unit scores + top-k, as LeapPruner does in the forward; for one-weight units
+    (unstructured) the fused masked weight, which includes the multiply."""
     import torch
     from leap_ds.algorithm.pruner import _logical_weight
     pruner = engine.leap
@@ -198,7 +199,10 @@ def mask_time(engine, repeats: int = 3) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
             for g in pruner.groups:
-                if len(g.members) == 1:
+                member = g.members[0]
+                if len(g.members) == 1 and member.layout.weights_per_unit == 1 and not member.layout.masks_bias:
+                    g.module(weight=_logical_weight(member))   # fused: mask and masked weight in one
+                elif len(g.members) == 1:
                     scores = None if g.learned else g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0]))
                     g.module(scores)
                 else:

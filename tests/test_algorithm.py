@@ -16,6 +16,7 @@ The effective (masked) weight of a pruned layer is read off its forward as a
 black box: W~[:, j] = layer(e_j) - layer(0), b~ = layer(0).
 """
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -418,10 +419,42 @@ def test_head_magnitude_scores_follow_the_weights_after_an_optimizer_step():
 # straight-through gradients
 # ----------------------------------------------------------------------------------------------
 
-ST_CASES = [("unstructured", {}, "learned"), ("block", {"block": (4, 8)}, "learned"),
+ST_CASES = [("unstructured", {}, "learned"), ("unstructured", {}, "magnitude"), ("block", {"block": (4, 8)}, "learned"),
             ("row", {}, "learned"), ("column", {}, "learned"), ("head", {}, "learned"),
             ("row", {}, "magnitude"), ("block", {"block": (4, 8)}, "magnitude"),
             ("head", {}, "magnitude")]
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["magnitude", "learned"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_fused_masked_weight_equals_weight_times_topk_mask(learned, transposed):
+    """The fused unstructured path gives the values and gradients of the plain composition."""
+    from leap_ds.algorithm.mask import masked_weight, topk_mask
+    gen = torch.Generator().manual_seed(31)
+    stored = torch.randn(24, 40, generator=gen)
+    scores0 = torch.randn(24 * 40, generator=gen)
+    grad_out = torch.randn(40, 24, generator=gen) if transposed else torch.randn(24, 40, generator=gen)
+    results = []
+    for fused in (True, False):
+        w_param = stored.clone().requires_grad_(True)
+        theta = torch.tensor([0.4], requires_grad=True)
+        scores = scores0.clone().requires_grad_(True) if learned else None
+        w = w_param.t() if transposed else w_param        # logical (out, in) view, as for Conv1D
+        if fused:
+            out = masked_weight(w, theta, scores)
+        else:
+            s = scores if learned else w.detach().abs().reshape(-1)
+            out = w * topk_mask(s, theta).view(w.shape)
+        (out * grad_out).sum().backward()
+        results.append((out.detach(), w_param.grad, theta.grad, None if scores is None else scores.grad))
+    (o1, gw1, gt1, gs1), (o2, gw2, gt2, gs2) = results
+    k = math.ceil(1 / (1 + math.exp(-0.4)) * stored.numel())
+    assert int((o1 != 0).sum()) == k
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    torch.testing.assert_close(gw1, gw2, rtol=0, atol=0)
+    torch.testing.assert_close(gt1, gt2, rtol=1e-5, atol=1e-6)
+    if learned:
+        torch.testing.assert_close(gs1, gs2, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("gran,kw,score", ST_CASES, ids=[f"{c[0]}-{c[2]}" for c in ST_CASES])
@@ -509,19 +542,26 @@ MIXED_N = [3 * 16 * 12 + 12 * 16, 24 * 12, 12 * 24, 6 * 12]   # N_g written out 
 MIXED_MEMBER = ["attention.output.dense", "ffn", "proj", "extra"]
 
 
-def _thetas_for_density(density, others=(0.2, 0.5, 0.1)):
-    """Keep ratios with sum r_g N_g / sum N = density, solved for the head group."""
+MIXED_UNITS = [4, 24, (12 // 4) * (24 // 8), 12]                # heads, rows, 4x8 tiles, columns
+
+
+def _thetas_for_density(density):
+    """Thresholds whose exact kept fraction sum_g k_g N_g / (n_g sum N) is closest to density.
+
+    theta_g = logit((k_g - 0.5) / n_g) keeps exactly k_g units: the product sits
+    half a unit below the integer the ceiling rounds to.
+    """
     total = sum(MIXED_N)
-    r_rest = density * total - sum(r * n for r, n in zip(others, MIXED_N[1:]))
-    r0 = r_rest / MIXED_N[0]
-    assert 0 < r0 < 1
-    return [math.log(r / (1 - r)) for r in (r0, *others)]
+    best = min(itertools.product(*(range(1, n + 1) for n in MIXED_UNITS)),
+               key=lambda ks: abs(sum(k / n * w for k, n, w in zip(ks, MIXED_UNITS, MIXED_N)) / total
+                                  - density))
+    return [math.log(((k - 0.5) / n) / (1 - (k - 0.5) / n)) for k, n in zip(best, MIXED_UNITS)]
 
 
 REG_CASES = {
     "below_target": [-2.0, -1.5, -3.0, 0.5],                # R < R_t: L_reg = 0
-    "lambda_10": _thetas_for_density(0.31),                 # L_reg = 1e-4 < 3e-4
-    "lambda_floor_50": _thetas_for_density(0.318),          # 20000 * 3.24e-4 / 0.49 = 13.2 -> 50
+    "lambda_10": _thetas_for_density(0.31),                 # L_reg ~ 1e-4 < 3e-4
+    "lambda_floor_50": _thetas_for_density(0.322),          # 20000 * 4.8e-4 / 0.49 = 19.6 -> 50
     "lambda_adaptive": [1.5, 0.3, 2.0, -0.7],               # R ~ 0.77: lambda_max * L / (1-R_t)^2
 }
 
@@ -537,7 +577,9 @@ def test_regulariser_value_lambda_and_gradient(case):
         set_theta(pruner, name, t)
 
     sig = [1 / (1 + math.exp(-t)) for t in thetas]
-    R = sum(s * n for s, n in zip(sig, MIXED_N)) / sum(MIXED_N)
+    # R counts the weights actually kept; its gradient is the closed form's
+    kept = [min(u, math.ceil(s * u)) / u for s, u in zip(sig, MIXED_UNITS)]
+    R = sum(r * n for r, n in zip(kept, MIXED_N)) / sum(MIXED_N)
     L = (R - target) ** 2 if R > target else 0.0
     lam = 10.0 if L < 3e-4 else max(50.0, lambda_max * L / (1 - target) ** 2)
     branch = {"below_target": lambda: L == 0 and lam == 10,
@@ -562,6 +604,23 @@ def test_regulariser_value_lambda_and_gradient(case):
         assert got == pytest.approx(expected, rel=1e-3, abs=1e-7), name
     # the weights get no gradient from the regulariser
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in (model.ffn.weight, model.ffn.bias))
+
+
+def test_density_tolerance_moves_the_lambda_switch():
+    """R - R_t ~ 0.01: lambda is the floor (10) under the paper's tolerance, at least 50 under 0.005."""
+    thetas = [float(np.float32(t)) for t in _thetas_for_density(0.31)]
+    for tolerance, expect_floor in ((3e-4 ** 0.5, True), (0.005, False)):
+        torch.manual_seed(6)
+        model = Mixed()
+        pruner = LeapPruner(model, MIXED_RULES, target_density=0.3, density_tolerance=tolerance)
+        for name, t in zip(MIXED_MEMBER, thetas):
+            set_theta(pruner, name, t)
+        model(torch.randn(4, 12))
+        reg = pruner.regularization_loss()
+        L = pruner.last_reg_loss
+        assert 0.005 ** 2 < L < 3e-4
+        assert pruner.last_lambda == (10.0 if expect_floor else max(50.0, 20000 * L / 0.49))
+        assert float(reg.detach()) == pytest.approx(pruner.last_lambda * L, rel=1e-5)
 
 
 def test_regularization_loss_needs_a_training_forward():
@@ -846,9 +905,12 @@ def test_training_forward_backward_on_bert_hybrid_reaches_every_threshold():
     ids = torch.randint(1, 64, (4, 10), generator=torch.Generator().manual_seed(18))
     out = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1]))
     reg = pruner.regularization_loss()
-    # threshold_init 3.0 everywhere: R = sigmoid(3) > 0.3
+    # threshold_init 3.0 everywhere: each group keeps ceil(sigmoid(3) n_g) of its units
     s = 1 / (1 + math.exp(-3.0))
-    L = (s - 0.3) ** 2
+    total = sum(g.num_weights for g in pruner.groups)
+    R = sum(math.ceil(s * g.num_units) / g.num_units * g.num_weights for g in pruner.groups) / total
+    assert R > s > 0.3
+    L = (R - 0.3) ** 2
     assert float(reg.detach()) == pytest.approx(max(50.0, 20000.0 * L / 0.49) * L, rel=1e-4)
     (out.loss + reg).backward()
     assert len(pruner.groups) == 6

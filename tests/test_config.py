@@ -187,6 +187,20 @@ def test_target_density_out_of_range(value):
     assert re.search(rf"(?<![\d.]){re.escape(repr(value))}(?![\d])", line), msg
 
 
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.01])
+def test_density_tolerance_out_of_range(value):
+    assert_error(lambda: split_config(shared(density_tolerance=value)),
+                 f"{LEAP}.shared_parameters.density_tolerance", repr(value))
+
+
+def test_density_tolerance_reaches_the_pruner():
+    _, section = split_config(shared(density_tolerance=0.004))
+    assert section.pruner_settings()["density_tolerance"] == 0.004
+    # the paper's switch, L_reg < 3e-4, when not given
+    _, section = split_config(shared())
+    assert section.pruner_settings()["density_tolerance"] ** 2 == pytest.approx(3e-4, rel=1e-12)
+
+
 def test_target_density_bounds_are_accepted():
     assert split_config(shared(target_density=1.0))[1].shared_parameters.target_density == 1.0
     assert split_config(shared(target_density=1e-3))[1].shared_parameters.target_density == 1e-3

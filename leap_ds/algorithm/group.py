@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mask import keep_ratio, topk_mask
+from .mask import keep_ratio, kept_units, masked_weight, topk_mask
 
 
 class LeapGroup(nn.Module):
@@ -23,17 +23,37 @@ class LeapGroup(nn.Module):
         self.scores = nn.Parameter(torch.zeros(num_units)) if learned_scores else None
         self.pruning_active = True  # False before schedule_offset: everything kept
 
-    def forward(self, magnitude_scores: torch.Tensor | None = None):
-        """Returns (unit mask, keep ratio sigmoid(theta)), both float32."""
+    def forward(self, magnitude_scores: torch.Tensor | None = None, *,
+                weight: torch.Tensor | None = None):
+        """Returns (unit mask, keep ratio), both float32; or, given the ``weight``
+        of a group whose units are single weights, (masked weight, keep ratio).
+
+        The keep ratio's value is the exact fraction kept, ceil(sigmoid(theta) n) / n,
+        its gradient that of sigmoid(theta) (straight-through): the regulariser
+        then sees the weights actually kept. With coarse units (12 heads) the
+        ceiling alone would otherwise leave the model up to a unit per group
+        above its target.
+        """
         keep = keep_ratio(self.threshold)
-        scores = self.scores if self.scores is not None else magnitude_scores
-        if scores is None:
-            raise RuntimeError("LeapGroup with magnitude scores called without scores")
+        if weight is not None:
+            scores = self.scores            # None: magnitude |W|, computed inside
+        else:
+            scores = self.scores if self.scores is not None else magnitude_scores
+            if scores is None:
+                raise RuntimeError("LeapGroup with magnitude scores called without scores")
         if not self.pruning_active:
             # all kept; multiplying by zero keeps every LEAP parameter in the graph
             # so optimizers and ZeRO see a (zero) gradient rather than none
-            mask = torch.ones(self.num_units, device=keep.device) + 0.0 * scores.float()
-            return mask, keep
+            zero = 0.0 * self.threshold.sum()
+            if self.scores is not None:
+                zero = zero + 0.0 * self.scores.sum()
+            if weight is not None:
+                return weight + zero.to(weight.dtype), keep
+            return torch.ones(self.num_units, device=keep.device) + zero.float(), keep
+        exact = kept_units(float(self.threshold.detach().float()), self.num_units) / self.num_units
+        keep = keep + (exact - keep).detach()
+        if weight is not None:
+            return masked_weight(weight, self.threshold, scores), keep
         return topk_mask(scores, self.threshold), keep
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def keep_ratio(threshold: torch.Tensor) -> torch.Tensor:
@@ -26,8 +27,9 @@ def kept_units(threshold_value: float, num_units: int) -> int:
 _SAMPLE = 8192
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest of a flat tensor (1 <= k <= n), cheaply for large n.
+def _kth_largest_and_counts(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """(t, greater, equal): the exact k-th largest value t of a flat tensor
+    (1 <= k <= n) and how many values are > t and == t, cheaply for large n.
 
     A full selection over every weight of every matrix in every forward was
     the whole of LEAP's step overhead. A fixed-stride sample brackets the
@@ -35,34 +37,49 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     only. If the bracket missed (it cannot silently), select over everything.
     """
     n = values.numel()
-    if n <= 8 * _SAMPLE:
-        return torch.kthvalue(values, n - k + 1).values
-    sample = values[:: n // _SAMPLE].sort().values
-    m = sample.numel()
-    pos, margin = (n - k + 1) / n * m, 4 * math.sqrt(m) + 8
-    lo = sample[max(0, int(pos - margin))]
-    hi = sample[min(m - 1, int(pos + margin))]
-    above = int((values > hi).sum())
-    band = values[(values >= lo) & (values <= hi)]
-    r = k - above  # the answer is the r-th largest inside the bracket
-    if 1 <= r <= band.numel():
-        return torch.kthvalue(band, band.numel() - r + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+    if n > 8 * _SAMPLE:
+        sample = values[:: n // _SAMPLE].contiguous()
+        m = sample.numel()
+        pos, margin = (n - k + 1) / n * m, 4 * math.sqrt(m) + 8
+        # bracket ends: two order statistics of the sample (kthvalue is 1-based)
+        lo = torch.kthvalue(sample, max(1, int(pos - margin) + 1)).values
+        hi = torch.kthvalue(sample, min(m, int(pos + margin) + 1)).values
+        above_hi = values > hi
+        # count_nonzero: sum() over a bool tensor first copies it to int64
+        above = int(torch.count_nonzero(above_hi))
+        # values >= lo, minus those > hi (a subset): the bracket, in two passes not three
+        band = values[torch.logical_xor(values >= lo, above_hi)]
+        r = k - above  # the answer is the r-th largest inside the bracket
+        if 1 <= r <= band.numel():
+            t = torch.kthvalue(band, band.numel() - r + 1).values
+            return t, above + int(torch.count_nonzero(band > t)), int(torch.count_nonzero(band == t))
+    t = torch.kthvalue(values, n - k + 1).values
+    return t, int(torch.count_nonzero(values > t)), int(torch.count_nonzero(values == t))
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest of a flat tensor (1 <= k <= n)."""
+    return _kth_largest_and_counts(values, k)[0]
+
+
+def topk_bool(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool tensor shaped like scores, True on exactly the k highest (ties: lowest index first)."""
+    flat = scores.detach().float().reshape(-1)
+    if k <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k >= flat.numel():
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    t, greater, equal = _kth_largest_and_counts(flat, k)
+    if greater + equal == k:          # no tie straddles the cut: one pass
+        return (flat >= t).view(scores.shape)
+    keep = flat > t
+    keep[(flat == t).nonzero().flatten()[:k - greater]] = True
+    return keep.view(scores.shape)
 
 
 def topk_indicator(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Float32 0/1 tensor with exactly k ones on the highest scores (ties: lowest index first)."""
-    flat = scores.detach().float().flatten()
-    if k <= 0:
-        return torch.zeros_like(flat).view_as(scores)
-    if k >= flat.numel():
-        return torch.ones_like(flat).view_as(scores)
-    t = kth_largest(flat, k)
-    keep = flat > t
-    short = k - int(keep.sum())
-    if short:
-        keep[(flat == t).nonzero().flatten()[:short]] = True
-    return keep.float().view_as(scores)
+    return topk_bool(scores, k).float()
 
 
 class _TopKMask(torch.autograd.Function):
@@ -80,6 +97,65 @@ class _TopKMask(torch.autograd.Function):
         grad_scores = grad_mask if ctx.needs_input_grad[0] else None
         grad_threshold = (grad_mask * mask).sum().reshape(ctx.threshold_shape)
         return grad_scores, grad_threshold
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """W * m for one-weight units, fused: the same values and gradients as
+    ``weight * topk_mask(scores, threshold)`` without the weight-sized float
+    mask, its weight-sized gradient and their product (LEAP's cost in the
+    unstructured case). Scores: the learned ones, or |W| when None.
+
+    With magnitude scores and fp32 weights the mask is a magnitude cut, so one
+    ``hardshrink`` kernel applies it forward and one backward, no mask stored.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, threshold, scores):
+        n = weight.numel()
+        k = kept_units(threshold.detach().float().item(), n)
+        ctx.threshold_shape, ctx.threshold_dtype = threshold.shape, threshold.dtype
+        ctx.cut = None
+        if scores is None:
+            magnitude = weight.detach().abs().reshape(-1)
+            if k >= n:
+                ctx.cut = -1.0
+            elif k > 0 and weight.dtype == torch.float32:
+                t, greater, equal = _kth_largest_and_counts(magnitude, k)
+                if greater + equal == k:   # keep exactly |w| >= t, i.e. |w| > the float below t
+                    ctx.cut = float(torch.nextafter(t, torch.zeros_like(t)))
+            if ctx.cut is not None:
+                ctx.save_for_backward(weight)
+                return F.hardshrink(weight, ctx.cut)
+            mask = topk_bool(magnitude, k).view(weight.shape)
+        else:
+            mask = topk_bool(scores.detach().view(weight.shape), k)
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.cut is not None:
+            (weight,) = ctx.saved_tensors
+            grad_weight = torch.ops.aten.hardshrink_backward(grad_out, weight, ctx.cut)
+        else:
+            weight, mask = ctx.saved_tensors
+            grad_weight = grad_out * mask
+        # dL/dm = grad_out * W;  dL/dtheta = sum(dL/dm * m) = sum(grad_weight * W)
+        if grad_weight.dtype == torch.float32:
+            grad_threshold = torch.dot(grad_weight.reshape(-1), weight.reshape(-1))
+        else:
+            grad_threshold = (grad_weight * weight).sum(dtype=torch.float32)
+        grad_threshold = grad_threshold.to(ctx.threshold_dtype).reshape(ctx.threshold_shape)
+        grad_scores = None
+        if ctx.needs_input_grad[2]:
+            grad_scores = (grad_out * weight).reshape(-1)
+        return grad_weight, grad_threshold, grad_scores
+
+
+def masked_weight(weight: torch.Tensor, threshold: torch.Tensor,
+                  scores: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * mask for unstructured groups (one unit per weight), see ``_MaskedWeight``."""
+    return _MaskedWeight.apply(weight, threshold, scores)
 
 
 def topk_mask(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .group import LeapGroup
 from .mask import kept_units
-from .regularizer import adaptive_lambda, density_regularizer, global_density
+from .regularizer import DEFAULT_DENSITY_TOLERANCE, adaptive_lambda, density_regularizer, global_density
 from .selection import GroupPlan, GroupRule, Member, plan_groups
 
 
@@ -88,10 +88,12 @@ class LeapPruner:
 
     def __init__(self, model: nn.Module, rules: list[GroupRule], *, target_density: float,
                  lambda_max: float = 20000.0, threshold_init: float = 10.0,
+                 density_tolerance: float = DEFAULT_DENSITY_TOLERANCE,
                  schedule_offset: int = 0, ops: DistributedOps | None = None):
         self.model = model
         self.target_density = float(target_density)
         self.lambda_max = float(lambda_max)
+        self.density_tolerance = float(density_tolerance)
         self.schedule_offset = int(schedule_offset)
         self.ops = ops or DistributedOps()
         self.step = 0                    # optimizer steps actually applied
@@ -123,6 +125,15 @@ class LeapPruner:
         self._forward_id += 1
 
     def _masked_forward(self, handle: GroupHandle, member: Member):
+        if member.layout.weights_per_unit == 1 and not member.layout.masks_bias and len(handle.members) == 1:
+            def forward(x):
+                # one unit per weight: the mask multiply is fused (see mask._MaskedWeight)
+                w, keep = handle.module(weight=_logical_weight(member))
+                if torch.is_grad_enabled():
+                    self._keep.setdefault(handle.index, keep)
+                return F.linear(x, w, member.module.bias)
+            return forward
+
         def forward(x):
             weight = _logical_weight(member)
             unit_mask = self._unit_mask(handle, weight)
@@ -155,7 +166,9 @@ class LeapPruner:
     def regularization_loss(self) -> torch.Tensor:
         """lambda * L_reg for the last forward pass; add it to the task loss.
 
-        R is the closed form over every group's sigmoid(theta), taken from the
+        R = sum_g kept_g / sum_g N_g counts the weights each group keeps,
+        ceil(sigmoid(theta_g) n_g) units, with the gradient of the closed form
+        sum_g sigmoid(theta_g) N_g / sum_g N_g. The keep ratios come from the
         forward pass, where ZeRO-3 had gathered each threshold anyway.
         """
         missing = [g.name for g in self.groups if g.index not in self._keep]
@@ -173,7 +186,8 @@ class LeapPruner:
         if not self.pruning_active:
             self.last_lambda = 0.0
             return 0.0 * density
-        self.last_lambda = adaptive_lambda(self.last_reg_loss, self.target_density, self.lambda_max)
+        self.last_lambda = adaptive_lambda(self.last_reg_loss, self.target_density, self.lambda_max,
+                                           density_tolerance=self.density_tolerance)
         return self.last_lambda * reg
 
     # ----------------------------------------------------------------- stepping

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..algorithm.regularizer import DEFAULT_DENSITY_TOLERANCE
 from ..algorithm.selection import GroupRule, LeapConfigError
 
 SECTION = "compression_training"
@@ -61,6 +62,9 @@ class SharedParameters(_Strict):
     enabled: Annotated[bool, Field(strict=True)] = True
     target_density: Float = Field(gt=0.0, le=1.0)
     lambda_max: Float = Field(default=20000.0, gt=0.0)
+    # lambda drops to its floor (10) once R - R_t < density_tolerance, i.e. L_reg < its
+    # square; the paper's 3e-4 on L_reg is 0.0173 above the target
+    density_tolerance: Float = Field(default=DEFAULT_DENSITY_TOLERANCE, gt=0.0, lt=1.0)
     threshold_init: Float = 10.0
     threshold_lr: Float = Field(default=1e-2, gt=0.0)
     score_lr: Float = Field(default=1e-2, gt=0.0)
@@ -85,6 +89,7 @@ class LeapSection(_Strict):
     def pruner_settings(self) -> dict:
         s = self.shared_parameters
         return dict(target_density=s.target_density, lambda_max=s.lambda_max,
+                    density_tolerance=s.density_tolerance,
                     threshold_init=s.threshold_init, schedule_offset=s.schedule_offset)
 
 
