@@ -607,19 +607,21 @@ def test_regulariser_value_lambda_and_gradient(case):
 
 
 def test_density_tolerance_moves_the_lambda_switch():
-    """R - R_t ~ 0.01: lambda is the floor (10) under the paper's tolerance, at least 50 under 0.005."""
+    """R - R_t ~ 0.01: lambda is the floor (10) under the paper's tolerance, at least lambda_min under 0.005."""
     thetas = [float(np.float32(t)) for t in _thetas_for_density(0.31)]
-    for tolerance, expect_floor in ((3e-4 ** 0.5, True), (0.005, False)):
+    for tolerance, lambda_min, expect_floor in ((3e-4 ** 0.5, 50.0, True), (0.005, 50.0, False),
+                                                 (0.005, 400.0, False)):
         torch.manual_seed(6)
         model = Mixed()
-        pruner = LeapPruner(model, MIXED_RULES, target_density=0.3, density_tolerance=tolerance)
+        pruner = LeapPruner(model, MIXED_RULES, target_density=0.3, density_tolerance=tolerance,
+                            lambda_min=lambda_min)
         for name, t in zip(MIXED_MEMBER, thetas):
             set_theta(pruner, name, t)
         model(torch.randn(4, 12))
         reg = pruner.regularization_loss()
         L = pruner.last_reg_loss
         assert 0.005 ** 2 < L < 3e-4
-        assert pruner.last_lambda == (10.0 if expect_floor else max(50.0, 20000 * L / 0.49))
+        assert pruner.last_lambda == (10.0 if expect_floor else max(lambda_min, 20000 * L / 0.49))
         assert float(reg.detach()) == pytest.approx(pruner.last_lambda * L, rel=1e-5)
 
 

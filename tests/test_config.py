@@ -187,15 +187,22 @@ def test_target_density_out_of_range(value):
     assert re.search(rf"(?<![\d.]){re.escape(repr(value))}(?![\d])", line), msg
 
 
+@pytest.mark.parametrize("value", [0.0, -5.0])
+def test_lambda_min_out_of_range(value):
+    assert_error(lambda: split_config(shared(lambda_min=value)), f"{LEAP}.shared_parameters.lambda_min", repr(value))
+
+
 @pytest.mark.parametrize("value", [0.0, 1.0, -0.01])
 def test_density_tolerance_out_of_range(value):
     assert_error(lambda: split_config(shared(density_tolerance=value)),
                  f"{LEAP}.shared_parameters.density_tolerance", repr(value))
 
 
-def test_density_tolerance_reaches_the_pruner():
-    _, section = split_config(shared(density_tolerance=0.004))
+def test_density_tolerance_and_lambda_min_reach_the_pruner():
+    _, section = split_config(shared(density_tolerance=0.004, lambda_min=300.0))
     assert section.pruner_settings()["density_tolerance"] == 0.004
+    assert section.pruner_settings()["lambda_min"] == 300.0
+    assert split_config(shared())[1].pruner_settings()["lambda_min"] == 50.0   # the paper's
     # the paper's switch, L_reg < 3e-4, when not given
     _, section = split_config(shared())
     assert section.pruner_settings()["density_tolerance"] ** 2 == pytest.approx(3e-4, rel=1e-12)

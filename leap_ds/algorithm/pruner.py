@@ -88,12 +88,13 @@ class LeapPruner:
 
     def __init__(self, model: nn.Module, rules: list[GroupRule], *, target_density: float,
                  lambda_max: float = 20000.0, threshold_init: float = 10.0,
-                 density_tolerance: float = DEFAULT_DENSITY_TOLERANCE,
+                 density_tolerance: float = DEFAULT_DENSITY_TOLERANCE, lambda_min: float = 50.0,
                  schedule_offset: int = 0, ops: DistributedOps | None = None):
         self.model = model
         self.target_density = float(target_density)
         self.lambda_max = float(lambda_max)
         self.density_tolerance = float(density_tolerance)
+        self.lambda_min = float(lambda_min)
         self.schedule_offset = int(schedule_offset)
         self.ops = ops or DistributedOps()
         self.step = 0                    # optimizer steps actually applied
@@ -187,6 +188,7 @@ class LeapPruner:
             self.last_lambda = 0.0
             return 0.0 * density
         self.last_lambda = adaptive_lambda(self.last_reg_loss, self.target_density, self.lambda_max,
+                                           lambda_min=self.lambda_min,
                                            density_tolerance=self.density_tolerance)
         return self.last_lambda * reg
 

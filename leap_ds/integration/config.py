@@ -65,6 +65,8 @@ class SharedParameters(_Strict):
     # lambda drops to its floor (10) once R - R_t < density_tolerance, i.e. L_reg < its
     # square; the paper's 3e-4 on L_reg is 0.0173 above the target
     density_tolerance: Float = Field(default=DEFAULT_DENSITY_TOLERANCE, gt=0.0, lt=1.0)
+    # least lambda while the density is more than density_tolerance above the target (paper: 50)
+    lambda_min: Float = Field(default=50.0, gt=0.0)
     threshold_init: Float = 10.0
     threshold_lr: Float = Field(default=1e-2, gt=0.0)
     score_lr: Float = Field(default=1e-2, gt=0.0)
@@ -89,7 +91,7 @@ class LeapSection(_Strict):
     def pruner_settings(self) -> dict:
         s = self.shared_parameters
         return dict(target_density=s.target_density, lambda_max=s.lambda_max,
-                    density_tolerance=s.density_tolerance,
+                    density_tolerance=s.density_tolerance, lambda_min=s.lambda_min,
                     threshold_init=s.threshold_init, schedule_offset=s.schedule_offset)
 
 
