@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def test_config(tmp_path, **shared):
+def small_config(tmp_path, **shared):
     cfg = json.load(open(Path(ROOT) / "ds_configs" / "default.json"))
     cfg["optimizer"]["params"]["lr"] = 1e-3   # LEAP's lrs follow its warmup and linear decay
     cfg["scheduler"]["params"]["warmup_max_lr"] = 1e-3
@@ -71,7 +71,7 @@ def plain_accuracy(model_dir, rows=128, seq=48):
 def finished_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     out = tmp / "run"
-    proc = train(2, "--model", tiny_model_dir, "--deepspeed_config", test_config(tmp),
+    proc = train(2, "--model", tiny_model_dir, "--deepspeed_config", small_config(tmp),
                  "--max-train-samples", 640, "--max-eval-samples", 128, "--max-seq-length", 48,
                  "--teacher-max-steps", 10, "--max-steps", 60, "--eval-interval", 30,
                  "--checkpoint-interval", 30, "--log-interval", 5, "--output-dir", out)
@@ -126,7 +126,7 @@ def test_refuses_to_overwrite_a_finished_run(finished_run, tiny_model_dir):
 
 def test_resume_after_interruption(tiny_model_dir, tmp_path):
     """A run whose last checkpoint is at step 30 continues from there, not from step 0."""
-    config = test_config(tmp_path)
+    config = small_config(tmp_path)
     common = ["--model", tiny_model_dir, "--deepspeed_config", config, "--max-train-samples", 320,
               "--max-eval-samples", 64, "--no-distill", "--student-init", "model", "--eval-interval", 0,
               "--checkpoint-interval", 10, "--output-dir", tmp_path / "run"]
