@@ -72,8 +72,9 @@ class SharedParameters(_Strict):
     score_lr: Float = Field(default=1e-2, gt=0.0)
     schedule_offset: Int = Field(default=0, ge=0)
     # Adam betas of the thresholds' group: no momentum, so theta stops within about
-    # one step once the one-sided regulariser lets go at the target (no overshoot)
-    threshold_betas: tuple[Float, Float] = (0.0, 0.999)
+    # one step once the one-sided regulariser lets go at the target (no overshoot);
+    # a short second-moment memory, or the early gradients (lambda ~ 2e4) freeze theta later
+    threshold_betas: tuple[Float, Float] = (0.0, 0.9)
     score: Literal["magnitude", "learned"] = "magnitude"
 
 
