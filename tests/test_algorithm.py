@@ -625,6 +625,33 @@ def test_density_tolerance_moves_the_lambda_switch():
         assert float(reg.detach()) == pytest.approx(pruner.last_lambda * L, rel=1e-5)
 
 
+def test_two_sided_regulariser_pulls_up_below_the_target():
+    """regularizer two_sided: L_reg = (R - R_t)^2 below the target too, and the gradient raises theta."""
+    thetas = [float(np.float32(t)) for t in REG_CASES["below_target"]]
+    sig = [1 / (1 + math.exp(-t)) for t in thetas]
+    kept = [min(u, math.ceil(s * u)) / u for s, u in zip(sig, MIXED_UNITS)]
+    R = sum(r * n for r, n in zip(kept, MIXED_N)) / sum(MIXED_N)
+    target = 0.3
+    assert R < target - 0.005
+    L = (R - target) ** 2
+    lam = max(500.0, 20000 * L / (1 - target) ** 2)
+    torch.manual_seed(6)
+    model = Mixed()
+    pruner = LeapPruner(model, MIXED_RULES, target_density=target, density_tolerance=0.005,
+                        lambda_min=500.0, two_sided=True)
+    for name, t in zip(MIXED_MEMBER, thetas):
+        set_theta(pruner, name, t)
+    model(torch.randn(4, 12))
+    reg = pruner.regularization_loss()
+    assert pruner.last_reg_loss == pytest.approx(L, rel=1e-4)
+    assert pruner.last_lambda == pytest.approx(lam, rel=1e-4)
+    reg.backward()
+    for name, s, n in zip(MIXED_MEMBER, sig, MIXED_N):
+        expected = lam * 2 * (R - target) * s * (1 - s) * n / sum(MIXED_N)
+        assert expected < 0   # gradient descent raises theta: keep more
+        assert float(group_of(pruner, name).threshold.grad) == pytest.approx(expected, rel=1e-3), name
+
+
 def test_regularization_loss_needs_a_training_forward():
     model = Mixed()
     pruner = LeapPruner(model, MIXED_RULES, target_density=0.3)

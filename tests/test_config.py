@@ -203,6 +203,9 @@ def test_density_tolerance_and_lambda_min_reach_the_pruner():
     assert section.pruner_settings()["density_tolerance"] == 0.004
     assert section.pruner_settings()["lambda_min"] == 300.0
     assert split_config(shared())[1].pruner_settings()["lambda_min"] == 50.0   # the paper's
+    assert split_config(shared())[1].pruner_settings()["two_sided"] is False   # the paper's
+    assert split_config(shared(regularizer="two_sided"))[1].pruner_settings()["two_sided"] is True
+    assert_error(lambda: split_config(shared(regularizer="both")), f"{LEAP}.shared_parameters.regularizer", "'both'")
     # the paper's switch, L_reg < 3e-4, when not given
     _, section = split_config(shared())
     assert section.pruner_settings()["density_tolerance"] ** 2 == pytest.approx(3e-4, rel=1e-12)

@@ -89,12 +89,14 @@ class LeapPruner:
     def __init__(self, model: nn.Module, rules: list[GroupRule], *, target_density: float,
                  lambda_max: float = 20000.0, threshold_init: float = 10.0,
                  density_tolerance: float = DEFAULT_DENSITY_TOLERANCE, lambda_min: float = 50.0,
+                 two_sided: bool = False,
                  schedule_offset: int = 0, ops: DistributedOps | None = None):
         self.model = model
         self.target_density = float(target_density)
         self.lambda_max = float(lambda_max)
         self.density_tolerance = float(density_tolerance)
         self.lambda_min = float(lambda_min)
+        self.two_sided = bool(two_sided)
         self.schedule_offset = int(schedule_offset)
         self.ops = ops or DistributedOps()
         self.step = 0                    # optimizer steps actually applied
@@ -182,7 +184,7 @@ class LeapPruner:
         for g in self.groups:
             g._cache = None
         density = global_density(keep, [g.num_weights for g in self.groups])
-        reg = density_regularizer(density, self.target_density)
+        reg = density_regularizer(density, self.target_density, self.two_sided)
         self.last_reg_loss = float(reg.detach())
         if not self.pruning_active:
             self.last_lambda = 0.0

@@ -16,9 +16,11 @@ def global_density(keep_ratios: list[torch.Tensor], group_weights: list[int]) ->
     return sum(r.reshape(()) * (n / total) for r, n in zip(keep_ratios, group_weights))
 
 
-def density_regularizer(density: torch.Tensor, target_density: float) -> torch.Tensor:
-    """L_reg = (R - R_t)^2 if R > R_t else 0."""
-    return torch.relu(density - target_density).pow(2)
+def density_regularizer(density: torch.Tensor, target_density: float,
+                        two_sided: bool = False) -> torch.Tensor:
+    """L_reg = (R - R_t)^2 if R > R_t else 0 (the paper); two-sided: (R - R_t)^2 always."""
+    gap = density - target_density
+    return (gap if two_sided else torch.relu(gap)).pow(2)
 
 
 def adaptive_lambda(reg_loss: float, target_density: float, lambda_max: float = 20000.0,

@@ -67,6 +67,8 @@ class SharedParameters(_Strict):
     density_tolerance: Float = Field(default=DEFAULT_DENSITY_TOLERANCE, gt=0.0, lt=1.0)
     # least lambda while the density is more than density_tolerance above the target (paper: 50)
     lambda_min: Float = Field(default=50.0, gt=0.0)
+    # "one_sided" (the paper): no pull below the target; "two_sided": (R - R_t)^2 either way
+    regularizer: Literal["one_sided", "two_sided"] = "one_sided"
     threshold_init: Float = 10.0
     threshold_lr: Float = Field(default=1e-2, gt=0.0)
     score_lr: Float = Field(default=1e-2, gt=0.0)
@@ -93,6 +95,7 @@ class LeapSection(_Strict):
         s = self.shared_parameters
         return dict(target_density=s.target_density, lambda_max=s.lambda_max,
                     density_tolerance=s.density_tolerance, lambda_min=s.lambda_min,
+                    two_sided=s.regularizer == "two_sided",
                     threshold_init=s.threshold_init, schedule_offset=s.schedule_offset)
 
 
