@@ -199,9 +199,8 @@ def mask_time(engine, repeats: int = 3) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
             for g in pruner.groups:
-                member = g.members[0]
-                if len(g.members) == 1 and member.layout.weights_per_unit == 1 and not member.layout.masks_bias:
-                    g.module(weight=_logical_weight(member))   # fused: mask and masked weight in one
+                if g.fused:
+                    g.module(weight=_logical_weight(g.members[0]))   # mask and masked weight in one
                 elif len(g.members) == 1:
                     scores = None if g.learned else g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0]))
                     g.module(scores)
@@ -407,7 +406,6 @@ def write_report(res: dict, out: Path, smoke: bool):
     if "a_timing" in res:
         t = res["a_timing"]["timing"]
         mem = res.get("a_memory", {})
-        dense_t = t["dense"]["median_s"]
         model = model_name(res["model"])
         lines += ["## (a) Step time and memory, LEAP vs dense (ZeRO stage 0, one rank)", "",
                   f"{model}, batch {s['batch_size']}, sequence {s['max_seq_length']}, AdamW + WarmupDecayLR + "

@@ -54,3 +54,20 @@ def run_tiny(tmp_path):
         return load_ranks(prefix, nproc)
     run.count = 0
     return run
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random-initialised 2-layer BERT that uses the real MiniLM tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from leap_ds.apps.train import EMBEDDED_MODEL, resolve_model_path
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
+    torch.manual_seed(0)
+    # default dropout (0.1) on purpose: evaluation must switch it off
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

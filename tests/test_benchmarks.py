@@ -6,7 +6,6 @@ and must write their table, plot and JSON with sane contents.
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,21 +32,6 @@ def _run(*args, timeout=600):
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random-initialised 2-layer BERT with the real MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    from leap_ds.apps.train import EMBEDDED_MODEL, resolve_model_path
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_schedules_and_masks():

@@ -15,22 +15,6 @@ DENSITY_BAND = 0.01   # README: +/-0.01 with the shipped configs (density_tolera
 CONFIGS = sorted((Path(ROOT) / "ds_configs").glob("*.json"))
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random-initialised 2-layer BERT that uses the real MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    from leap_ds.apps.train import EMBEDDED_MODEL, resolve_model_path
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
-    torch.manual_seed(0)
-    # default dropout (0.1) on purpose: evaluation must switch it off
-    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def small_config(tmp_path, **shared):
     cfg = json.load(open(Path(ROOT) / "ds_configs" / "default.json"))
     cfg["optimizer"]["params"]["lr"] = 1e-3   # LEAP's lrs follow its warmup and linear decay

@@ -50,11 +50,11 @@ class LeapGroup(nn.Module):
             if weight is not None:
                 return weight + zero.to(weight.dtype), keep
             return torch.ones(self.num_units, device=keep.device) + zero.float(), keep
-        exact = kept_units(float(self.threshold.detach().float()), self.num_units) / self.num_units
-        keep = keep + (exact - keep).detach()
+        k = kept_units(float(self.threshold.detach().float()), self.num_units)
+        keep = keep + (k / self.num_units - keep).detach()
         if weight is not None:
-            return masked_weight(weight, self.threshold, scores), keep
-        return topk_mask(scores, self.threshold), keep
+            return masked_weight(weight, self.threshold, scores, k), keep
+        return topk_mask(scores, self.threshold, k), keep
 
     def extra_repr(self) -> str:
         kind = "learned" if self.scores is not None else "magnitude"

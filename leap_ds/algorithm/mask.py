@@ -84,8 +84,7 @@ def topk_indicator(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 class _TopKMask(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores, threshold):
-        k = kept_units(threshold.detach().float().item(), scores.numel())
+    def forward(ctx, scores, threshold, k):
         mask = topk_indicator(scores, k)
         ctx.save_for_backward(mask)
         ctx.threshold_shape = threshold.shape
@@ -96,7 +95,7 @@ class _TopKMask(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         grad_scores = grad_mask if ctx.needs_input_grad[0] else None
         grad_threshold = (grad_mask * mask).sum().reshape(ctx.threshold_shape)
-        return grad_scores, grad_threshold
+        return grad_scores, grad_threshold, None
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -110,9 +109,8 @@ class _MaskedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, threshold, scores):
+    def forward(ctx, weight, threshold, scores, k):
         n = weight.numel()
-        k = kept_units(threshold.detach().float().item(), n)
         ctx.threshold_shape, ctx.threshold_dtype = threshold.shape, threshold.dtype
         ctx.cut = None
         if scores is None:
@@ -149,15 +147,21 @@ class _MaskedWeight(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[2]:
             grad_scores = (grad_out * weight).reshape(-1)
-        return grad_weight, grad_threshold, grad_scores
+        return grad_weight, grad_threshold, grad_scores, None
+
+
+def _units_kept(threshold: torch.Tensor, n: int, k: int | None) -> int:
+    return kept_units(threshold.detach().float().item(), n) if k is None else k
 
 
 def masked_weight(weight: torch.Tensor, threshold: torch.Tensor,
-                  scores: torch.Tensor | None = None) -> torch.Tensor:
-    """weight * mask for unstructured groups (one unit per weight), see ``_MaskedWeight``."""
-    return _MaskedWeight.apply(weight, threshold, scores)
+                  scores: torch.Tensor | None = None, k: int | None = None) -> torch.Tensor:
+    """weight * mask for unstructured groups (one unit per weight), see ``_MaskedWeight``.
+    k: units kept, if the caller has it already (else from threshold)."""
+    return _MaskedWeight.apply(weight, threshold, scores, _units_kept(threshold, weight.numel(), k))
 
 
-def topk_mask(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Float32 0/1 mask keeping the ceil(sigmoid(threshold) * n) highest scores."""
-    return _TopKMask.apply(scores, threshold)
+def topk_mask(scores: torch.Tensor, threshold: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Float32 0/1 mask keeping the ceil(sigmoid(threshold) * n) highest scores
+    (k of them, if the caller has k already)."""
+    return _TopKMask.apply(scores, threshold, _units_kept(threshold, scores.numel(), k))

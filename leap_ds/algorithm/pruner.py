@@ -75,6 +75,13 @@ class GroupHandle:
     def learned(self) -> bool:
         return self.plan.rule.score == "learned"
 
+    @property
+    def fused(self) -> bool:
+        """One matrix whose units are single weights: LeapGroup masks the weight itself
+        (mask._MaskedWeight) instead of returning a unit mask."""
+        layout = self.members[0].layout
+        return len(self.members) == 1 and layout.weights_per_unit == 1 and not layout.masks_bias
+
 
 def _logical_weight(member: Member) -> torch.Tensor:
     w = member.module.weight
@@ -128,12 +135,10 @@ class LeapPruner:
         self._forward_id += 1
 
     def _masked_forward(self, handle: GroupHandle, member: Member):
-        if member.layout.weights_per_unit == 1 and not member.layout.masks_bias and len(handle.members) == 1:
+        if handle.fused:
             def forward(x):
-                # one unit per weight: the mask multiply is fused (see mask._MaskedWeight)
                 w, keep = handle.module(weight=_logical_weight(member))
-                if torch.is_grad_enabled():
-                    self._keep.setdefault(handle.index, keep)
+                self._record_keep(handle, keep)
                 return F.linear(x, w, member.module.bias)
             return forward
 
@@ -157,9 +162,13 @@ class LeapPruner:
         else:
             mask, keep = handle.module(handle.magnitude_scores)
             handle._cache_forward, handle._cache = self._forward_id, (mask, keep)
+        self._record_keep(handle, keep)
+        return mask
+
+    def _record_keep(self, handle: GroupHandle, keep: torch.Tensor) -> None:
+        """Keep ratios of training forwards, for regularization_loss()."""
         if torch.is_grad_enabled():
             self._keep.setdefault(handle.index, keep)
-        return mask
 
     # ------------------------------------------------------------- regulariser
     @property
