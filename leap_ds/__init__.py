@@ -10,11 +10,12 @@ Layers: :mod:`leap_ds.algorithm` (plain PyTorch), :mod:`leap_ds.integration`
 The DeepSpeed-facing names load on first use, so ``leap_ds.algorithm`` works
 without importing DeepSpeed.
 """
-from .algorithm import GroupRule, LeapConfigError, LeapPruner
+from .algorithm import GroupRule, LeapConfigError, LeapPruner, LeapUsageError
 
 __version__ = "0.1.0"
-_ENGINE_API = ("initialize", "report", "finalize", "attach", "param_groups")
-__all__ = [*_ENGINE_API, "LeapPruner", "LeapConfigError", "GroupRule"]
+_ENGINE_API = ("initialize", "report", "finalize", "attach", "param_groups", "follow_optimizer",
+               "regularization_loss", "pruner_of")
+__all__ = [*_ENGINE_API, "LeapPruner", "LeapConfigError", "LeapUsageError", "GroupRule"]
 
 
 def __getattr__(name):

@@ -12,7 +12,15 @@ from leap_ds import GroupRule, LeapConfigError, LeapPruner, attach, param_groups
 from leap_ds.integration.config import load_ds_config, split_config
 from tests import tiny_models as tm
 
-BASE = tm.ds_config(leap=tm.leap_section(tm.HYBRID_BERT, target=0.25))
+# heads, FFN rows and FFN-out blocks: every kind of group parameter in one config (the rows feed
+# the blocks' columns, which is allowed here on purpose)
+HYBRID_ROWS = {
+    **tm.ATTN_HEADS,
+    "ffn_rows": {"params": {"granularity": "row", "allow_dead_weights": True}, "modules": [r"intermediate\.dense"]},
+    "ffn_out": {"params": {"granularity": "block", "block_size": [4, 8]},
+                "modules": [r"layer\.\d+\.output\.dense"]},
+}
+BASE = tm.ds_config(leap=tm.leap_section(HYBRID_ROWS, target=0.25))
 
 
 def cfg(mutate=None):
@@ -345,8 +353,9 @@ def test_compression_training_without_leap_names_what_it_found():
 # ----------------------------------------------------------------------------------------------
 
 GROUPS_WITH_LEARNED = {
-    **tm.HYBRID_BERT,
-    "ffn_rows": {"params": {"granularity": "row", "score": "learned"}, "modules": [r"intermediate\.dense"]},
+    **HYBRID_ROWS,
+    "ffn_rows": {"params": {"granularity": "row", "score": "learned", "allow_dead_weights": True},
+                 "modules": [r"intermediate\.dense"]},
 }
 
 
@@ -410,7 +419,7 @@ def test_param_groups_keep_the_callers_groups():
 
 
 def test_param_groups_without_learned_scores_has_no_empty_scores_group():
-    model, pruner, model_ids, added = _leap_params(tm.tiny_bert, tm.HYBRID_BERT)
+    model, pruner, model_ids, added = _leap_params(tm.tiny_bert, HYBRID_ROWS)
     groups = param_groups(list(model.parameters()), pruner)
     assert all(g["params"] for g in groups)
     leap_groups = [g for g in groups if set(_ids(g["params"])) & set(_ids(p for _, p in added))]

@@ -64,8 +64,9 @@ def test_gradient_accumulation_matches_single_batch(reference, run_tiny):
 def test_zero3_partitions_leap_parameters(run_tiny):
     ranks = run_tiny(nproc=2, stage=3, steps=2, groups="learned")
     full = ranks[0]["leap_full_numel"]
-    owned = [r["leap_local_numel"] for r in ranks]
-    assert sum(owned) == full                      # the parts add up to the whole, no copies
+    owned = [r["leap_local_numel"] for r in ranks]   # ds_tensor.numel(): DeepSpeed's own partitions
+    padding = len(ranks) * ranks[0]["leap_param_count"]
+    assert full <= sum(owned) <= full + padding      # the parts add up to the whole, no copies
     for part in owned:
         assert abs(part - full / 2) <= 0.05 * full  # each rank about half
 
@@ -91,8 +92,9 @@ def test_decoders_match_across_ranks_at_zero3(model, run_tiny):
 
 
 def test_skipped_optimizer_step_does_not_advance_leap(run_tiny):
-    """DeepSpeed reports an fp16-overflow skip through engine.was_step_applied(); CPU refuses
-    fp16, so the skip is reported through that same call at step 5 here."""
+    """On an fp16 overflow DeepSpeed's wrapper skips the inner torch optimizer's step; CPU refuses
+    fp16, so the worker skips that inner step at optimizer step 5 the same way (the real overflow
+    runs in benchmarks/gpu_check.sh)."""
     (run,) = run_tiny(nproc=1, stage=0, steps=8, skip_step_at=5)
     assert run["leap_step"] == 7 and run["global_steps"] == 8
 
@@ -105,3 +107,34 @@ def test_bf16_two_ranks_prune_and_finalize(stage, run_tiny):
     rep, fin = ranks[0]["report"], ranks[0]["finalize"]
     assert rep["global_density"] < 0.85
     assert fin["zeros"] == fin["master_zeros"] == rep["prunable_weights"] - rep["kept_weights"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_torch_style_backward_matches_engine_backward(stage, reference, run_tiny):
+    """loss.backward() (DeepSpeed allows it at ZeRO 1-3): the model's output loss carries the
+    regulariser, so the trajectory is that of engine.backward."""
+    ranks = run_tiny(nproc=2, stage=stage, steps=STEPS, backward="torch")
+    for rank in ranks:
+        assert_same_trajectory(rank, reference)
+        assert rank["leap_step"] == STEPS
+
+
+@pytest.mark.parametrize("stage,nproc", [(0, 1), (2, 2)])
+def test_unmanaged_gradient_accumulation_matches_single_batch(stage, nproc, reference, run_tiny):
+    """"managed_gradient_accumulation": false: the user calls step() at their own boundary, and
+    LEAP advances once per optimizer step."""
+    ranks = run_tiny(nproc=nproc, stage=stage, steps=STEPS, grad_accum=2, unmanaged=True)
+    for rank in ranks:
+        assert_same_trajectory(rank, reference)
+        assert rank["leap_step"] == STEPS
+
+
+def test_pieces_on_a_plain_deepspeed_engine_match_at_zero3(reference, run_tiny):
+    """leap_ds.attach / param_groups / follow_optimizer under an engine LEAP did not build (as HF
+    Trainer builds it): ZeRO-3 partitions are read and reduced correctly, and finalize prunes
+    the fp32 master."""
+    ranks = run_tiny(nproc=2, stage=3, steps=STEPS, pieces=True, finalize=True)
+    for rank in ranks:
+        assert_same_trajectory(rank, reference)
+        rep, fin = rank["report"], rank["finalize"]
+        assert fin["zeros"] == fin["master_zeros"] == rep["prunable_weights"] - rep["kept_weights"]

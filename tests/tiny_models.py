@@ -28,8 +28,9 @@ def tiny_gpt2(seed=0):
 def tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForSequenceClassification
     torch.manual_seed(seed)
+    # grouped-query attention: 4 query heads share 2 key/value heads
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=32,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
                       num_labels=2, pad_token_id=0)
     return LlamaForSequenceClassification(cfg)
 
@@ -43,11 +44,15 @@ def leap_section(groups, target=0.3, **shared):
     return {"leap": {"shared_parameters": base, "different_groups": copy.deepcopy(groups)}}
 
 
+FFN_CHANNELS = {"ffn": {"params": {"granularity": "channel"}, "modules": [r"layer\.\d+\.output\.dense"],
+                        "related_modules": [r"intermediate\.dense"]}}
+
+# every structure at once: heads in layer 0, 4x8 blocks in layer 1's attention, FFN channels
 HYBRID_BERT = {
-    **ATTN_HEADS,
-    "ffn_rows": {"params": {"granularity": "row"}, "modules": [r"intermediate\.dense"]},
-    "ffn_out": {"params": {"granularity": "block", "block_size": [4, 8]},
-                "modules": [r"layer\.\d+\.output\.dense"]},
+    "head": {**ATTN_HEADS["head"], "modules": [r"layer\.0\.attention\.output\.dense"]},
+    "attn_blocks": {"params": {"granularity": "block", "block_size": [4, 8]},
+                    "modules": [r"layer\.1\.attention\.(self\.(query|key|value)|output\.dense)"]},
+    **FFN_CHANNELS,
 }
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mask import keep_ratio, kept_units, masked_weight, topk_mask
+from .mask import keep_ratio, kept_units, kept_units_tensor, masked_weight, topk_mask
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: an activation-checkpointing recompute."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class LeapGroup(nn.Module):
@@ -12,19 +17,43 @@ class LeapGroup(nn.Module):
     (movement-style) scoring, one score per unit.
 
     Both are ``nn.Parameter`` so ZeRO partitions them like any weight. The
-    module is called inside the forward of the module it masks, so ZeRO-3
+    module is called inside the forward of the layers it masks, so ZeRO-3
     gathers its parameters there, and its outputs carry ZeRO-3's backward hooks.
+
+    Scores: ``learned`` (the ``scores`` parameter); ``fused`` (one unit per
+    weight, |W| applied inside the masked weight); ``weight`` (unit norms of
+    the one matrix, passed in by the layer); ``shared`` (unit norms over
+    several matrices, kept in the ``unit_scores`` buffer and refreshed by the
+    pruner after each optimizer step).
     """
 
-    def __init__(self, num_units: int, threshold_init: float = 10.0, learned_scores: bool = False):
+    def __init__(self, num_units: int, threshold_init: float = 10.0, learned_scores: bool = False,
+                 fused: bool = False, shared_scores: bool = False):
         super().__init__()
         self.num_units = num_units
         self.threshold = nn.Parameter(torch.full((1,), float(threshold_init)))
         self.scores = nn.Parameter(torch.zeros(num_units)) if learned_scores else None
+        self.fused = fused
+        self.needs_weight_scores = not (learned_scores or fused or shared_scores)
+        if shared_scores and not learned_scores:
+            self.register_buffer("unit_scores", torch.zeros(num_units), persistent=False)
+        else:
+            self.unit_scores = None
         self.pruning_active = True  # False before schedule_offset: everything kept
+        self.pending_keep: torch.Tensor | None = None   # keep ratio of the last training forward
+
+    def __getstate__(self):
+        # the pending keep ratio belongs to this process's autograd graph: not copied or pickled
+        state = dict(super().__getstate__())
+        state["pending_keep"] = None
+        return state
+
+    def take_keep(self) -> torch.Tensor | None:
+        keep, self.pending_keep = self.pending_keep, None
+        return keep
 
     def forward(self, magnitude_scores: torch.Tensor | None = None, *,
-                weight: torch.Tensor | None = None):
+                weight: torch.Tensor | None = None, record: bool = True):
         """Returns (unit mask, keep ratio), both float32; or, given the ``weight``
         of a group whose units are single weights, (masked weight, keep ratio).
 
@@ -32,13 +61,17 @@ class LeapGroup(nn.Module):
         its gradient that of sigmoid(theta) (straight-through): the regulariser
         then sees the weights actually kept. With coarse units (12 heads) the
         ceiling alone would otherwise leave the model up to a unit per group
-        above its target.
+        above its target. ``record``: keep the keep ratio of a training forward
+        for the regulariser (once per forward; a checkpointing recompute in
+        the backward pass is not a new forward).
         """
         keep = keep_ratio(self.threshold)
         if weight is not None:
             scores = self.scores            # None: magnitude |W|, computed inside
         else:
             scores = self.scores if self.scores is not None else magnitude_scores
+            if scores is None:
+                scores = self.unit_scores
             if scores is None:
                 raise RuntimeError("LeapGroup with magnitude scores called without scores")
         if not self.pruning_active:
@@ -47,14 +80,24 @@ class LeapGroup(nn.Module):
             zero = 0.0 * self.threshold.sum()
             if self.scores is not None:
                 zero = zero + 0.0 * self.scores.sum()
+            self._record(keep, record)
             if weight is not None:
                 return weight + zero.to(weight.dtype), keep
             return torch.ones(self.num_units, device=keep.device) + zero.float(), keep
-        k = kept_units(float(self.threshold.detach().float()), self.num_units)
-        keep = keep + (k / self.num_units - keep).detach()
         if weight is not None:
+            # the exact k-th magnitude needs k on the host; elsewhere k stays on the device
+            k = kept_units(float(self.threshold.detach().float()), self.num_units)
+            keep = keep + (k / self.num_units - keep).detach()
+            self._record(keep, record)
             return masked_weight(weight, self.threshold, scores, k), keep
+        k = kept_units_tensor(self.threshold, self.num_units)
+        keep = keep + (k / self.num_units - keep).detach()
+        self._record(keep, record)
         return topk_mask(scores, self.threshold, k), keep
+
+    def _record(self, keep: torch.Tensor, record: bool) -> None:
+        if record and self.pending_keep is None and torch.is_grad_enabled() and not _in_backward():
+            self.pending_keep = keep
 
     def extra_repr(self) -> str:
         kind = "learned" if self.scores is not None else "magnitude"

@@ -12,7 +12,13 @@ row             1 x in                   every output row
 column          out x 1                  every input column
 head (Q, K, V)  head_dim x in            every head's rows
 head (output)   out x head_dim           every head's input columns
+channel (in)    1 x in                   every FFN hidden channel's row
+channel (out)   out x 1                  every FFN hidden channel's column
 ==============  =======================  ===========================
+
+With grouped-query attention a head unit is one key/value group: rows /
+kv_heads rows of Q, K and V each and cols / kv_heads columns of the output
+(:mod:`selection` builds those layouts directly).
 
 One class serves all of them, so scores, masks and shard arithmetic are
 written once.
@@ -70,15 +76,17 @@ class TileLayout:
 
         This is what a rank holding one ZeRO-3 partition can compute alone;
         summing the results over ranks gives :meth:`unit_sq_norms` exactly.
+        The slice is placed in a zero matrix of the full size, so the sum is
+        the same vectorised reduction as for a whole weight.
         """
-        idx = torch.arange(start, start + flat_values.numel(), device=flat_values.device)
+        squares = torch.zeros(self.numel, dtype=torch.float32, device=flat_values.device)
+        squares[start:start + flat_values.numel()] = flat_values.detach().float().pow(2)
         if self.transposed:  # stored (cols, rows)
-            row, col = idx % self.rows, idx // self.rows
+            logical = squares.view(self.cols, self.rows).t()
         else:
-            row, col = idx // self.cols, idx % self.cols
-        unit = (row // self.tile_rows) * self.grid[1] + col // self.tile_cols
-        out = torch.zeros(self.num_units, dtype=torch.float32, device=flat_values.device)
-        return out.index_add_(0, unit, flat_values.detach().float().pow(2))
+            logical = squares.view(self.rows, self.cols)
+        gr, gc = self.grid
+        return logical.reshape(gr, self.tile_rows, gc, self.tile_cols).sum(dim=(1, 3)).flatten()
 
     def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
         """Unit mask (num_units,) -> weight mask, broadcastable to (rows, cols)."""

@@ -18,6 +18,22 @@ def keep_ratio(threshold: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(threshold.float())
 
 
+def kept_units_tensor(threshold: torch.Tensor, num_units: int) -> torch.Tensor:
+    """k = ceil(sigmoid(theta) * n) as a tensor on theta's device: no host synchronisation."""
+    k = torch.ceil(keep_ratio(threshold.detach()).reshape(()) * num_units)
+    return k.clamp(max=num_units).to(torch.int64)
+
+
+def topk_bool_by_rank(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Like :func:`topk_bool` (ties: lowest index first) with k a device tensor: a stable
+    sort ranks the scores, so nothing is read back to the host."""
+    flat = scores.detach().float().reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(flat.numel(), device=flat.device)
+    return (rank < k).view(scores.shape)
+
+
 def kept_units(threshold_value: float, num_units: int) -> int:
     """k = ceil(sigmoid(theta) * n), computed the same way everywhere."""
     r = float(torch.sigmoid(torch.tensor(float(threshold_value), dtype=torch.float32)))
@@ -85,7 +101,7 @@ def topk_indicator(scores: torch.Tensor, k: int) -> torch.Tensor:
 class _TopKMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, threshold, k):
-        mask = topk_indicator(scores, k)
+        mask = topk_bool_by_rank(scores, k).float() if torch.is_tensor(k) else topk_indicator(scores, k)
         ctx.save_for_backward(mask)
         ctx.threshold_shape = threshold.shape
         return mask

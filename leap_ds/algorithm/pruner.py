@@ -1,10 +1,15 @@
 """``LeapPruner``: LEAP attached to an unmodified model.
 
 Like ``torch.nn.utils.parametrize``, the model's code is untouched: each pruned
-linear layer gets an instance-level ``forward`` that multiplies its weight (and
-bias, for row-shaped units) by the group's mask, and a small ``LeapGroup``
-child module that owns the learnable threshold. ``finalize`` multiplies the
-masks into the weights and removes all of it.
+linear layer's class is swapped for a masked subclass (:mod:`masked`) and a
+small ``LeapGroup`` module owns each learnable threshold. ``finalize``
+multiplies the masks into the weights and restores the original classes.
+
+The regulariser reaches the thresholds through autograd whichever backward
+the user calls: it is added to the model's output ``loss`` when the model
+returns one (Hugging Face models given labels), else by ``engine.backward`` or
+by the user (:meth:`LeapPruner.regularization_loss`). A step whose regulariser
+never reached a backward pass raises (:meth:`on_optimizer_step`).
 
 Everything distributed is behind :class:`DistributedOps`, so this file imports
 no DeepSpeed; the integration layer plugs in ZeRO-aware versions.
@@ -12,17 +17,39 @@ no DeepSpeed; the integration layer plugs in ZeRO-aware versions.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .group import LeapGroup
-from .mask import kept_units
+from .masked import LeapMasked, mask_module, unmask_module
+from .mask import kept_units, topk_bool
 from .regularizer import DEFAULT_DENSITY_TOLERANCE, adaptive_lambda, density_regularizer, global_density
-from .selection import GroupPlan, GroupRule, Member, plan_groups
+from .selection import COUPLED, GroupPlan, GroupRule, LeapConfigError, Member, plan_groups
+
+LEAP_LR = "leap_lr"          # param-group key: LEAP's own base learning rate
+LEAP_BETAS = "leap_betas"    # param-group key: LEAP's own Adam betas (schedulers may cycle momentum)
+
+
+class LeapUsageError(RuntimeError):
+    """LEAP used in a way that would silently train the wrong thing; the message says the fix."""
+
+
+def _whole(param):
+    return param.detach().flatten(), 0
+
+
+def _no_reduce(tensor):
+    return tensor
+
+
+def _no_gather(params):
+    return contextlib.nullcontext()
+
+
+def _no_write(param):
+    return None
 
 
 @dataclass
@@ -33,23 +60,22 @@ class DistributedOps:
     parameter this rank is responsible for. ``all_reduce_sum(tensor)``: sum
     over ranks, in place. ``gather(params)``: a context in which the full
     parameters are readable (and writable: changes are kept).
-    Defaults: one process holding everything.
+    ``after_write(param)``: copy a changed parameter to the optimizer's master.
+    Defaults: one process holding everything. Plain functions, so a pruner
+    (and a model holding one) can be pickled.
     """
-    local_slice: Callable = lambda p: (p.detach().flatten(), 0)
-    all_reduce_sum: Callable = lambda t: t
-    gather: Callable = lambda params: contextlib.nullcontext()
-    after_write: Callable = lambda p: None
+    local_slice: object = _whole
+    all_reduce_sum: object = _no_reduce
+    gather: object = _no_gather
+    after_write: object = _no_write
 
 
 @dataclass
 class GroupHandle:
-    """A planned group plus its LeapGroup module and per-forward bookkeeping."""
+    """A planned group and its LeapGroup module."""
     index: int
     plan: GroupPlan
     module: LeapGroup
-    magnitude_scores: torch.Tensor | None = None   # cached for multi-matrix groups
-    _cache_forward: int = -1
-    _cache: tuple | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -92,12 +118,16 @@ class LeapPruner:
     """LEAP state for one model: groups, regulariser, step counter."""
 
     GROUP_ATTR = "leap_group"
+    SHARED_ATTR = {"head": "leap_heads", "channel": "leap_channels"}
 
     def __init__(self, model: nn.Module, rules: list[GroupRule], *, target_density: float,
                  lambda_max: float = 20000.0, threshold_init: float = 10.0,
                  density_tolerance: float = DEFAULT_DENSITY_TOLERANCE, lambda_min: float = 50.0,
                  two_sided: bool = False,
                  schedule_offset: int = 0, ops: DistributedOps | None = None):
+        if any(isinstance(m, LeapMasked) for m in model.modules()):
+            raise LeapConfigError("LEAP is already attached to this model; attach it once "
+                                  "(leap_ds.initialize attaches it for you)")
         self.model = model
         self.target_density = float(target_density)
         self.lambda_max = float(lambda_max)
@@ -110,65 +140,55 @@ class LeapPruner:
         self.last_lambda = 0.0
         self.last_reg_loss = 0.0
         self.finalized = False
-        self._forward_id = 0
-        self._keep: dict[int, torch.Tensor] = {}
+        self.reference_lr: float | None = None   # the weights' peak lr, for LEAP's lr schedule
+        self._reg_built = 0              # regulariser terms built since the last optimizer step
+        self._reg_backpropagated = 0     # ... and how many of them a backward pass reached
+        self._reg_in_output_loss = False  # the last one went into the model's output loss
 
         self.groups: list[GroupHandle] = []
         for i, plan in enumerate(plan_groups(model, rules)):
-            group = LeapGroup(plan.members[0].layout.num_units, threshold_init,
-                              learned_scores=plan.rule.score == "learned")
-            owner = model.get_submodule(plan.owner_name)
-            attr = self.GROUP_ATTR if len(plan.members) == 1 else "leap_heads"
-            if hasattr(owner, attr):
-                raise ValueError(f"{plan.owner_name!r} already has a {attr!r}: LEAP attached twice?")
-            owner.add_module(attr, group)
+            shared = len(plan.members) > 1
+            learned = plan.rule.score == "learned"
+            layout = plan.members[0].layout
+            fused = not shared and layout.weights_per_unit == 1 and not layout.masks_bias
+            group = LeapGroup(layout.num_units, threshold_init, learned_scores=learned, fused=fused,
+                              shared_scores=shared).to(plan.members[0].module.weight.device)
             handle = GroupHandle(i, plan, group)
+            if shared:
+                owner = model.get_submodule(plan.owner_name)
+                attr = self.SHARED_ATTR[plan.rule.granularity]
+                if hasattr(owner, attr):
+                    raise LeapConfigError(f"{plan.owner_name!r} already has a {attr!r}: two "
+                                          f"{plan.rule.granularity} groups share one parent module")
+                owner.add_module(attr, group)
+            for j, member in enumerate(plan.members):
+                mask_module(member.module, member.layout, j, group, shared)
             self.groups.append(handle)
-            for member in plan.members:
-                member.module.forward = self._masked_forward(handle, member)
-        self._hook = model.register_forward_pre_hook(self._on_model_forward)
+        self._scores_stale = False
+        self._hooks = [model.register_forward_pre_hook(self._before_model_forward),
+                       model.register_forward_hook(self._add_regularizer_to_loss)]
         self._set_active()
         self.refresh_scores()
 
     # ----------------------------------------------------------------- forward
-    def _on_model_forward(self, module, args):
-        self._forward_id += 1
+    def _before_model_forward(self, module, args):
+        # scores follow the weights of the last optimizer step, read once the step has
+        # written them back (ZeRO copies its fp32 master into the model after the inner step)
+        if self._scores_stale:
+            self.refresh_scores()
 
-    def _masked_forward(self, handle: GroupHandle, member: Member):
-        if handle.fused:
-            def forward(x):
-                w, keep = handle.module(weight=_logical_weight(member))
-                self._record_keep(handle, keep)
-                return F.linear(x, w, member.module.bias)
-            return forward
+    def _add_regularizer_to_loss(self, module, args, output):
+        """A Hugging Face output with a ``loss`` (the model was given labels) carries the
+        regulariser, so any backward of that loss trains the thresholds."""
+        loss = getattr(output, "loss", None) if not isinstance(output, (tuple, list)) else None
+        if torch.is_tensor(loss) and loss.requires_grad and self.has_pending_forward():
+            output.loss = loss + self.regularization_loss().to(loss.dtype)
+            self._reg_in_output_loss = True
+        return output
 
-        def forward(x):
-            weight = _logical_weight(member)
-            unit_mask = self._unit_mask(handle, weight)
-            w = weight * member.layout.expand(unit_mask).to(weight.dtype)
-            bias = member.module.bias
-            bias_mask = member.layout.bias_mask(unit_mask)
-            if bias is not None and bias_mask is not None:
-                bias = bias * bias_mask.to(bias.dtype)
-            return F.linear(x, w, bias)
-        return forward
-
-    def _unit_mask(self, handle: GroupHandle, weight: torch.Tensor) -> torch.Tensor:
-        if len(handle.members) == 1:
-            scores = None if handle.learned else handle.members[0].layout.unit_sq_norms(weight)
-            mask, keep = handle.module(scores)
-        elif handle._cache_forward == self._forward_id and handle._cache is not None:
-            return handle._cache[0]   # Q, K, V and output share one mask per forward
-        else:
-            mask, keep = handle.module(handle.magnitude_scores)
-            handle._cache_forward, handle._cache = self._forward_id, (mask, keep)
-        self._record_keep(handle, keep)
-        return mask
-
-    def _record_keep(self, handle: GroupHandle, keep: torch.Tensor) -> None:
-        """Keep ratios of training forwards, for regularization_loss()."""
-        if torch.is_grad_enabled():
-            self._keep.setdefault(handle.index, keep)
+    def has_pending_forward(self) -> bool:
+        """A training forward ran whose regulariser has not been built yet."""
+        return not self.finalized and any(g.module.pending_keep is not None for g in self.groups)
 
     # ------------------------------------------------------------- regulariser
     @property
@@ -176,76 +196,124 @@ class LeapPruner:
         return self.step >= self.schedule_offset
 
     def regularization_loss(self) -> torch.Tensor:
-        """lambda * L_reg for the last forward pass; add it to the task loss.
+        """lambda * L_reg for the last training forward pass; add it to the task loss
+        (``engine.backward`` and a model output ``loss`` do it for you).
 
         R = sum_g kept_g / sum_g N_g counts the weights each group keeps,
         ceil(sigmoid(theta_g) n_g) units, with the gradient of the closed form
         sum_g sigmoid(theta_g) N_g / sum_g N_g. The keep ratios come from the
         forward pass, where ZeRO-3 had gathered each threshold anyway.
         """
-        missing = [g.name for g in self.groups if g.index not in self._keep]
+        keep = [g.module.take_keep() for g in self.groups]
+        in_output, self._reg_in_output_loss = self._reg_in_output_loss, False
+        missing = [g.name for g, k in zip(self.groups, keep) if k is None]
+        if len(missing) == len(self.groups) and in_output:
+            raise LeapUsageError(
+                "the regulariser of the last forward pass is already in the model's output loss "
+                "(the model was given labels): backpropagate that loss, do not add "
+                "regularization_loss() to it again")
         if missing:
-            raise RuntimeError(f"LEAP groups {missing[:3]} did not run in the last forward pass "
-                               f"with gradients enabled; call regularization_loss() once per "
-                               f"training forward, after it")
-        keep = [self._keep[g.index] for g in self.groups]
-        self._keep = {}
-        for g in self.groups:
-            g._cache = None
+            raise LeapUsageError(
+                f"LEAP groups {missing[:3]} did not run in a training forward pass with gradients "
+                f"enabled since the regulariser was last built. Call regularization_loss() once per "
+                f"training forward, after it. Reentrant activation checkpointing (DeepSpeed's "
+                f"checkpointing, or use_reentrant=True) runs the forward without gradients: use "
+                f"model.gradient_checkpointing_enable() (non-reentrant) instead.")
         density = global_density(keep, [g.num_weights for g in self.groups])
         reg = density_regularizer(density, self.target_density, self.two_sided)
         self.last_reg_loss = float(reg.detach())
         if not self.pruning_active:
             self.last_lambda = 0.0
-            return 0.0 * density
-        self.last_lambda = adaptive_lambda(self.last_reg_loss, self.target_density, self.lambda_max,
-                                           lambda_min=self.lambda_min,
-                                           density_tolerance=self.density_tolerance)
-        return self.last_lambda * reg
+            term = 0.0 * density
+        else:
+            self.last_lambda = adaptive_lambda(self.last_reg_loss, self.target_density, self.lambda_max,
+                                               lambda_min=self.lambda_min,
+                                               density_tolerance=self.density_tolerance)
+            term = self.last_lambda * reg
+        if term.requires_grad:
+            self._reg_built += 1
+            term.register_hook(self._count_backpropagated)
+        return term
+
+    def _count_backpropagated(self, grad):
+        self._reg_backpropagated += 1
+        return grad
+
+    def check_regularizer_reached_backward(self) -> None:
+        """Raise if a training forward since the last optimizer step trained without its
+        regulariser (it was never built, or never reached a backward pass)."""
+        dropped = self.has_pending_forward() or self._reg_backpropagated < self._reg_built
+        self._reg_built = self._reg_backpropagated = 0
+        if dropped:
+            for g in self.groups:
+                g.module.take_keep()
+            raise LeapUsageError(
+                "LEAP's density regulariser did not reach a backward pass before this optimizer "
+                "step, so the thresholds would train on the task loss alone. Use "
+                "engine.backward(loss) (leap_ds adds the regulariser), or give the model labels so "
+                "its output loss carries it, or add leap_ds.regularization_loss(model) to the loss "
+                "you call backward() on.")
 
     # ----------------------------------------------------------------- stepping
     def on_optimizer_step(self) -> None:
-        """Call once per optimizer step actually applied."""
+        """Call once per optimizer step actually applied (:meth:`hook_optimizer` does)."""
+        if self.finalized:
+            return
+        self.check_regularizer_reached_backward()
         self.step += 1
         self._set_active()
-        self.refresh_scores()
+        self._scores_stale = True
+
+    def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> list:
+        """Follow a torch optimizer: before each step LEAP's groups get their scheduled lr and
+        own betas; after each step actually taken (an fp16 overflow skips the inner step, and
+        gradient accumulation calls it once per boundary) LEAP advances. Returns the handles."""
+        return [optimizer.register_step_pre_hook(self._before_optimizer_step),
+                optimizer.register_step_post_hook(self._after_optimizer_step)]
+
+    def _before_optimizer_step(self, optimizer, args, kwargs):
+        sync_leap_param_groups(optimizer.param_groups, self.reference_lr)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs):
+        self.on_optimizer_step()
 
     def _set_active(self):
         for g in self.groups:
             g.module.pruning_active = self.pruning_active
 
     def refresh_scores(self) -> None:
-        """Recompute magnitude scores of groups spanning several matrices (heads).
+        """Recompute magnitude scores of groups spanning several matrices (heads, channels).
 
         Each rank sums squares over the weights it holds, then one all-reduce
         combines them: no weight is gathered.
         """
-        groups = [g for g in self.groups if len(g.members) > 1 and not g.learned]
+        self._scores_stale = False
+        groups = [g for g in self.groups if g.module.unit_scores is not None]
         if not groups:
             return
         parts = []
         for g in groups:
-            total = torch.zeros(g.num_units)
+            total = None
             for m in g.members:
                 flat, start = self.ops.local_slice(m.module.weight)
-                total += m.layout.unit_sq_norms_of_slice(flat.cpu(), start)
+                part = m.layout.unit_sq_norms_of_slice(flat, start)
+                total = part if total is None else total + part.to(total.device)
             parts.append(total)
-        flat_scores = torch.cat(parts)
-        device = groups[0].members[0].module.weight.device
-        flat_scores = self.ops.all_reduce_sum(flat_scores.to(device)).cpu()
+        device = groups[0].module.unit_scores.device
+        flat_scores = self.ops.all_reduce_sum(torch.cat([p.to(device) for p in parts]))
         for g, scores in zip(groups, flat_scores.split([g.num_units for g in groups])):
-            g.magnitude_scores = scores.to(device)
+            g.module.unit_scores.copy_(scores.to(g.module.unit_scores.device))
 
     # ---------------------------------------------------------------- reporting
     def thresholds(self) -> list[float]:
-        """Every group's theta, identical on all ranks (one all-reduce)."""
-        values = torch.zeros(len(self.groups), dtype=torch.float64)
+        """Every group's theta, identical on all ranks (one all-reduce, one host copy)."""
+        device = self.groups[0].module.threshold.device
+        values = torch.zeros(len(self.groups), dtype=torch.float64, device=device)
         for g in self.groups:
             flat, start = self.ops.local_slice(g.module.threshold)
             if start == 0 and flat.numel() > 0:
-                values[g.index] = float(flat[0])
-        device = self.groups[0].module.threshold.device
-        return self.ops.all_reduce_sum(values.to(device)).cpu().tolist()
+                values[g.index] = flat[0].to(device, torch.float64)
+        return self.ops.all_reduce_sum(values).cpu().tolist()
 
     def report(self) -> dict:
         thetas = self.thresholds()
@@ -268,20 +336,54 @@ class LeapPruner:
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
+    def unit_masks(self) -> list[torch.Tensor]:
+        """Every group's current 0/1 unit mask (float32, on the CPU); a collective at ZeRO-3.
+        Unstructured groups give their weight-sized mask, flattened."""
+        masks = []
+        if self._scores_stale:
+            self.refresh_scores()
+        for g in self.groups:
+            with self.ops.gather(self._group_params(g)):
+                masks.append(self._unit_mask(g).float().cpu())
+        return masks
+
+    def _group_params(self, g: GroupHandle) -> list:
+        params = [g.module.threshold] + ([g.module.scores] if g.learned else [])
+        for m in g.members:
+            params += [p for p in (m.module.weight, m.module.bias) if p is not None]
+        return params
+
+    def _unit_mask(self, g: GroupHandle) -> torch.Tensor:
+        """Inside gather(): the group's unit mask (for fused groups, the bool weight mask)."""
+        if g.module.fused:
+            w = _logical_weight(g.members[0])
+            if not g.module.pruning_active:
+                return torch.ones_like(w, dtype=torch.bool)
+            k = kept_units(float(g.module.threshold.float()), g.num_units)
+            return topk_bool(g.module.scores.view(w.shape) if g.learned else w.abs(), k)
+        scores = g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0])) \
+            if g.module.needs_weight_scores else None
+        mask, _ = g.module(scores, record=False)
+        return mask
+
+    @torch.no_grad()
     def finalize(self) -> None:
-        """Multiply the hard masks into the weights and take LEAP out of every forward."""
+        """Multiply the hard masks into the weights (and the optimizer's master copy) and take
+        LEAP out of every forward. A collective at ZeRO-3: call it on every rank."""
         if self.finalized:
             return
+        if self._scores_stale:
+            self.refresh_scores()
         for g in self.groups:
-            params = [g.module.threshold] + ([g.module.scores] if g.learned else [])
-            for m in g.members:
-                params += [p for p in (m.module.weight, m.module.bias) if p is not None]
-            with self.ops.gather(params):
-                if len(g.members) == 1:
-                    scores = None if g.learned else g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0]))
-                else:
-                    scores = g.magnitude_scores
-                mask, _ = g.module(scores)
+            with self.ops.gather(self._group_params(g)):
+                if g.module.fused:
+                    # the fused forward gives the masked weight itself
+                    w = _logical_weight(g.members[0])
+                    masked, _ = g.module(weight=w, record=False)
+                    w.copy_(masked)
+                    self.ops.after_write(g.members[0].module.weight)
+                    continue
+                mask = self._unit_mask(g)
                 for m in g.members:
                     w = m.module.weight
                     wmask = m.layout.expand(mask)
@@ -297,15 +399,16 @@ class LeapPruner:
         self.finalized = True
 
     def detach(self) -> None:
-        """Restore every module's own forward (the LeapGroup modules stay, unused)."""
+        """Restore every module's own class and forward (the LeapGroup modules stay, unused)."""
         for g in self.groups:
+            g.module.take_keep()
             for m in g.members:
-                m.module.__dict__.pop("forward", None)
-        self._hook.remove()
+                unmask_module(m.module)
+        for hook in self._hooks:
+            hook.remove()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "lambda": self.last_lambda, "reg_loss": self.last_reg_loss,
-                "forward_id": self._forward_id}
+        return {"step": self.step, "lambda": self.last_lambda, "reg_loss": self.last_reg_loss}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -323,3 +426,20 @@ class LeapPruner:
                 yield g.module.scores
 
 
+def sync_leap_param_groups(param_groups: list[dict], reference_lr: float | None) -> None:
+    """Before an optimizer step: LEAP's groups get their own betas back (OneCycle-style
+    schedulers cycle every group's momentum) and follow the weights' lr schedule.
+
+    Schedulers that set one lr for every group (DeepSpeed's WarmupLR, WarmupDecayLR, OneCycle,
+    torch's OneCycleLR with a single max_lr) leave LEAP's group at the weights' lr: it is set to
+    LEAP's base lr x (weights' lr / reference_lr). Schedulers that scale each group's own
+    initial lr (torch's LambdaLR, CosineAnnealingLR, DeepSpeed's WarmupCosineLR) already
+    schedule LEAP's lr and are left alone."""
+    weights = next((g for g in param_groups if LEAP_LR not in g), None)
+    for g in param_groups:
+        if LEAP_LR not in g:
+            continue
+        if LEAP_BETAS in g and "betas" in g:
+            g["betas"] = tuple(g[LEAP_BETAS])
+        if weights is not None and reference_lr and g["lr"] == weights["lr"] and g[LEAP_LR] != reference_lr:
+            g["lr"] = g[LEAP_LR] * weights["lr"] / reference_lr

@@ -29,10 +29,15 @@ Int = Annotated[int, Field(strict=True)]
 
 
 class GroupParams(_Strict):
-    granularity: Literal["unstructured", "block", "row", "column", "head"] = "unstructured"
+    granularity: Literal["unstructured", "block", "row", "column", "head", "channel"] = "unstructured"
     score: Literal["magnitude", "learned"] | None = None  # default: shared_parameters.score
     block_size: tuple[Int, Int] | None = None             # (rows, cols), block granularity only
-    num_heads: Int | None = Field(default=None, gt=0)     # head granularity; default from model config
+    # head granularity; default from the model config (num_attention_heads, num_key_value_heads)
+    num_heads: Int | None = Field(default=None, gt=0)
+    num_kv_heads: Int | None = Field(default=None, gt=0)
+    # row / column pruning of a matrix whose units feed (or are fed by) another pruned matrix
+    # of the same layer is refused unless this is set (dead weights would count as kept)
+    allow_dead_weights: Annotated[bool, Field(strict=True)] = False
 
     @model_validator(mode="after")
     def _block(self):
@@ -43,6 +48,11 @@ class GroupParams(_Strict):
                 raise ValueError(f"block_size {list(self.block_size)} must be two positive integers")
         elif self.block_size is not None:
             raise ValueError(f"block_size is only used with granularity 'block', not {self.granularity!r}")
+        if self.granularity != "head" and (self.num_heads or self.num_kv_heads):
+            raise ValueError(f"num_heads / num_kv_heads are only used with granularity 'head', "
+                             f"not {self.granularity!r}")
+        if self.granularity not in ("row", "column") and self.allow_dead_weights:
+            raise ValueError("allow_dead_weights is only used with granularity 'row' or 'column'")
         return self
 
 
@@ -88,7 +98,8 @@ class LeapSection(_Strict):
         shared = self.shared_parameters
         return [GroupRule(name=name, modules=g.modules, granularity=g.params.granularity,
                           score=g.params.score or shared.score, block=g.params.block_size,
-                          num_heads=g.params.num_heads, related_modules=g.related_modules)
+                          num_heads=g.params.num_heads, num_kv_heads=g.params.num_kv_heads,
+                          related_modules=g.related_modules, allow_dead_weights=g.params.allow_dead_weights)
                 for name, g in self.different_groups.items()]
 
     def pruner_settings(self) -> dict:

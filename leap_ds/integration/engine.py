@@ -1,14 +1,19 @@
 """``leap_ds.initialize``: ``deepspeed.initialize`` with LEAP hooked into the engine.
 
-DeepSpeed has no per-step callback registry, so the engine's own methods are
-wrapped on the instance:
+DeepSpeed has no per-step callback registry, so LEAP follows the signals every
+training path shares:
 
-- ``backward(loss)`` adds lambda * L_reg from the forward pass just run;
-- ``step()`` keeps LEAP's learning rates on the weights' schedule and, when the
-  optimizer step was really applied (a gradient-accumulation boundary and no
-  fp16 overflow), advances LEAP's step counter;
+- the regulariser: built from the forward pass; added to the model's output
+  ``loss`` when it has one, else by the wrapped ``engine.backward`` /
+  ``engine.scale``; a step whose regulariser never reached a backward raises;
+- the optimizer step: pre/post hooks on the inner torch optimizer, which runs
+  once per gradient-accumulation boundary (managed or not) and not at all on
+  an fp16 overflow; LEAP's lrs follow the weights' schedule there;
 - ``save_checkpoint`` / ``load_checkpoint`` carry LEAP's counters in
   ``client_state`` (thresholds and scores are parameters and travel anyway).
+
+The same pieces serve engines built by others (HF Trainer, Accelerate):
+:func:`attach`, :func:`param_groups`, :func:`follow_optimizer`.
 """
 from __future__ import annotations
 
@@ -19,14 +24,13 @@ import logging
 import deepspeed
 import torch
 
-from ..algorithm.pruner import LeapPruner
+from ..algorithm.pruner import LEAP_BETAS, LEAP_LR, LeapPruner, LeapUsageError
 from ..algorithm.selection import LeapConfigError
 from .config import LeapSection, load_ds_config, parse_leap_section, split_config
 from .zero import zero_ops
 
 logger = logging.getLogger("leap_ds")
 
-LEAP_LR = "leap_lr"            # param-group key: LEAP's own base learning rate
 CLIENT_STATE_KEY = "leap"
 
 
@@ -34,7 +38,9 @@ def attach(model: torch.nn.Module, config) -> LeapPruner:
     """Attach LEAP to ``model`` before any engine exists.
 
     ``config``: a DeepSpeed config (dict or JSON path) holding
-    ``compression_training.leap``, or that ``leap`` section alone.
+    ``compression_training.leap``, or that ``leap`` section alone. The pruner
+    reads and reduces parameters ZeRO-aware by itself (whatever engine wraps
+    the model later, or none).
     """
     if isinstance(config, LeapSection):
         section = config
@@ -46,7 +52,7 @@ def attach(model: torch.nn.Module, config) -> LeapPruner:
                 raise LeapConfigError("compression_training.leap.shared_parameters.enabled is false")
         else:
             section = parse_leap_section({"leap": raw})
-    pruner = LeapPruner(model, section.rules(), **section.pruner_settings())
+    pruner = LeapPruner(model, section.rules(), **section.pruner_settings(), ops=zero_ops())
     pruner.section = section
     return pruner
 
@@ -76,51 +82,75 @@ def param_groups(params, pruner: LeapPruner, threshold_lr: float | None = None,
         if owned:  # never an empty group: ZeRO cannot flatten one
             group = {"params": owned, "lr": lr, LEAP_LR: lr, "weight_decay": 0.0, "name": f"leap_{kind}"}
             if kind == "threshold":
-                group["betas"] = tuple(defaults.threshold_betas)
+                group["betas"] = group[LEAP_BETAS] = tuple(defaults.threshold_betas)
             groups.append(group)
     return groups
 
 
-def _reference_lr(ds_config: dict, optimizer) -> float | None:
-    """The weights' configured (peak) learning rate, against which LEAP's lrs are scheduled."""
+# the peak lr of the DeepSpeed schedulers that set one lr for every parameter group
+_SCHEDULER_PEAK = {"WarmupLR": "warmup_max_lr", "WarmupDecayLR": "warmup_max_lr", "OneCycle": "cycle_max_lr"}
+
+
+def reference_lr(ds_config: dict, optimizer=None) -> float | None:
+    """The weights' peak learning rate, against which LEAP's lrs are scheduled."""
+    sched = ds_config.get("scheduler") or {}
+    peak = _SCHEDULER_PEAK.get(sched.get("type"))
+    if peak and isinstance(sched.get("params", {}).get(peak), (int, float)):
+        return float(sched["params"][peak])
     opt = ds_config.get("optimizer")
-    if opt and "lr" in opt.get("params", {}):
+    if opt and isinstance(opt.get("params", {}).get("lr"), (int, float)):
         return float(opt["params"]["lr"])
-    if isinstance(optimizer, torch.optim.Optimizer):
-        g = next((g for g in optimizer.param_groups if LEAP_LR not in g), None)
-        if g is not None:
-            return float(g.get("initial_lr", g["lr"]))
+    groups = getattr(optimizer, "param_groups", None) or []
+    g = next((g for g in groups if LEAP_LR not in g), None)
+    if g is not None:
+        return float(g.get("initial_lr", g.get("max_lr", g["lr"])))
     return None
 
 
-def _sync_leap_lrs(optimizer, reference_lr: float | None) -> None:
-    """LEAP lr = its base lr x (weights' current lr / weights' configured lr)."""
-    groups = getattr(optimizer, "param_groups", [])
-    weight_group = next((g for g in groups if LEAP_LR not in g), None)
-    if weight_group is None or not reference_lr:
-        return
-    factor = weight_group["lr"] / reference_lr
-    for g in groups:
-        if LEAP_LR in g:
-            g["lr"] = g[LEAP_LR] * factor
+def inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, fp16, bf16) or accelerate's."""
+    seen = optimizer
+    while not isinstance(seen, torch.optim.Optimizer):
+        nxt = getattr(seen, "optimizer", None)
+        if nxt is None or nxt is seen:
+            raise LeapUsageError(f"cannot find the torch optimizer inside {type(optimizer).__name__}; "
+                                 f"LEAP must follow its steps (pass a torch optimizer or a DeepSpeed one)")
+        seen = nxt
+    return seen
 
 
-def _install_hooks(engine, pruner: LeapPruner, reference_lr: float | None) -> None:
-    backward, step = engine.backward, engine.step
+def follow_optimizer(pruner: LeapPruner, optimizer, ds_config: dict | None = None) -> None:
+    """Make LEAP follow an optimizer (a torch one, or DeepSpeed's/accelerate's wrapper): LEAP's
+    lrs and betas are set before each step, LEAP advances after each step actually applied."""
+    inner = inner_optimizer(optimizer)
+    if not any(LEAP_LR in g for g in inner.param_groups):
+        raise LeapUsageError("LEAP's thresholds are not in their own parameter group of this "
+                             "optimizer: build it from leap_ds.param_groups(model.parameters(), pruner)")
+    for handle in getattr(pruner, "_optimizer_hooks", []):
+        handle.remove()
+    pruner.reference_lr = reference_lr(ds_config or {}, inner)
+    pruner._optimizer_hooks = pruner.hook_optimizer(inner)
+
+
+def _install_hooks(engine, pruner: LeapPruner) -> None:
+    backward, scale, step = engine.backward, engine.scale, engine.step
     save, load = engine.save_checkpoint, engine.load_checkpoint
 
-    def leap_backward(loss, *args, **kwargs):
-        if pruner._keep and not pruner.finalized:
+    def with_regularizer(loss):
+        if pruner.has_pending_forward():
             loss = loss + pruner.regularization_loss().to(loss.dtype)
-        return backward(loss, *args, **kwargs)
+        return loss
+
+    def leap_backward(loss, *args, **kwargs):
+        return backward(with_regularizer(loss), *args, **kwargs)
+
+    def leap_scale(loss, *args, **kwargs):   # torch-style fp16: engine.scale(loss).backward()
+        return scale(with_regularizer(loss), *args, **kwargs)
 
     def leap_step(*args, **kwargs):
-        boundary = engine.is_gradient_accumulation_boundary()
-        if boundary:
-            _sync_leap_lrs(engine.optimizer, reference_lr)
+        before = pruner.step
         out = step(*args, **kwargs)
-        if boundary and engine.was_step_applied() and not pruner.finalized:
-            pruner.on_optimizer_step()
+        if pruner.step != before:
             _write_monitor(engine, pruner)
         return out
 
@@ -140,7 +170,7 @@ def _install_hooks(engine, pruner: LeapPruner, reference_lr: float | None) -> No
             pruner.refresh_scores()
         return path, client_state
 
-    engine.backward, engine.step = leap_backward, leap_step
+    engine.backward, engine.scale, engine.step = leap_backward, leap_scale, leap_step
     engine.save_checkpoint, engine.load_checkpoint = leap_save_checkpoint, leap_load_checkpoint
 
 
@@ -179,6 +209,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args = copy.copy(args) if isinstance(args, argparse.Namespace) else args
         args.deepspeed_config = None  # DeepSpeed refuses a config given twice
 
+    if section is not None:
+        from deepspeed.pipe import PipelineModule
+        if isinstance(model, PipelineModule):
+            raise LeapConfigError("LEAP does not support DeepSpeed's pipeline engine (PipelineModule: "
+                                  "train_batch bypasses the hooks LEAP needs); train with ZeRO data "
+                                  "parallelism, or remove compression_training.leap")
     pruner = None
     if section is not None:
         pruner = attach(model, section)
@@ -188,25 +224,27 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         else:
             model_parameters = param_groups(
                 model_parameters if model_parameters is not None else model.parameters(), pruner)
-    reference_lr = _reference_lr(ds_config, optimizer)
 
     engine, opt, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=ds_config, **kwargs)
     engine.leap = pruner
     if pruner is not None:
-        pruner.ops = zero_ops()
+        if engine.optimizer is None:
+            raise LeapConfigError("LEAP trains thresholds: the engine needs an optimizer (an "
+                                  "'optimizer' section in the config, or optimizer=...)")
+        follow_optimizer(pruner, engine.optimizer, ds_config)
         pruner.refresh_scores()
-        _install_hooks(engine, pruner, reference_lr)
+        _install_hooks(engine, pruner)
     return engine, opt, loader, scheduler
 
 
 def _pruner(engine) -> LeapPruner:
-    pruner = getattr(engine, "leap", None)
-    if pruner is None:
+    try:
+        return pruner_of(engine)
+    except ValueError:
         raise ValueError("this engine has no LEAP attached: build it with leap_ds.initialize "
-                         "and a compression_training.leap section with enabled: true")
-    return pruner
+                         "and a compression_training.leap section with enabled: true") from None
 
 
 def report(engine) -> dict:
@@ -224,3 +262,21 @@ def finalize(engine) -> None:
     """Make the hard masks permanent in the weights (fp32 master too) and remove
     LEAP from every forward. A collective: call it on every rank."""
     _pruner(engine).finalize()
+
+
+def regularization_loss(model_or_engine) -> torch.Tensor:
+    """lambda * L_reg of the last training forward, to add to a loss you build yourself."""
+    return pruner_of(model_or_engine).regularization_loss()
+
+
+def pruner_of(model_or_engine) -> LeapPruner:
+    """The LeapPruner attached to an engine or model (found through the model's hooks)."""
+    pruner = getattr(model_or_engine, "leap", None)
+    if isinstance(pruner, LeapPruner):
+        return pruner
+    model = getattr(model_or_engine, "module", model_or_engine)
+    for hook in getattr(model, "_forward_hooks", {}).values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, LeapPruner):
+            return owner
+    raise ValueError("no LEAP attached to this model or engine: use leap_ds.initialize or leap_ds.attach")

@@ -14,14 +14,14 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 import leap_ds  # noqa: E402
-from leap_ds.integration.zero import local_slice  # noqa: E402
+from leap_ds.integration.engine import inner_optimizer  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
 
 
 def finalize_check(engine):
     """finalize, then count exact zeros in every pruned matrix (model copy and fp32 master)."""
     from deepspeed.utils import safe_get_full_fp32_param
-    leap_ds.finalize(engine)
+    engine.leap.finalize()
     zeros = master_zeros = total = 0
     for g in engine.leap.groups:
         for m in g.members:
@@ -32,7 +32,8 @@ def finalize_check(engine):
             master = safe_get_full_fp32_param(w)
             if master is not None:
                 master_zeros += int((master == 0).sum())
-    assert all("forward" not in m.module.__dict__ for g in engine.leap.groups for m in g.members)
+    from leap_ds.algorithm.masked import LeapMasked
+    assert not any(isinstance(m.module, LeapMasked) for g in engine.leap.groups for m in g.members)
     return {"zeros": zeros, "master_zeros": master_zeros, "total": total}
 
 
@@ -50,8 +51,14 @@ def main():
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--overflow-at", type=int, default=None, help="make this micro-step overflow")
     ap.add_argument("--skip-step-at", type=int, default=None,
-                    help="report this optimizer step as skipped through engine.was_step_applied(), "
-                         "as DeepSpeed does on an fp16 overflow (fp16 is refused on CPU)")
+                    help="skip the inner torch optimizer's step at this optimizer step, as DeepSpeed "
+                         "does on an fp16 overflow (fp16 is refused on CPU)")
+    ap.add_argument("--backward", default="engine", choices=["engine", "torch"],
+                    help="engine.backward(loss), or torch-style loss.backward() (ZeRO 1-3)")
+    ap.add_argument("--pieces", action="store_true",
+                    help="leap_ds.attach + param_groups + follow_optimizer on a plain deepspeed.initialize")
+    ap.add_argument("--unmanaged", action="store_true",
+                    help='"managed_gradient_accumulation": false: step() only at our own boundaries')
     ap.add_argument("--load", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1)
@@ -72,10 +79,22 @@ def main():
                           "modules": [r"(h|layers)\.\d+\..*(c_fc|c_proj|c_attn|_proj)$"]}}
     micro = args.global_batch // world // args.grad_accum
     cfg = tm.ds_config(args.stage, micro, args.grad_accum, world, leap=tm.leap_section(groups))
+    if args.unmanaged:
+        cfg["managed_gradient_accumulation"] = False
     if args.precision != "fp32":
         cfg[args.precision] = {"enabled": True, **({"initial_scale_power": 8} if args.precision == "fp16" else {})}
     model = tm.MODELS[args.model]()
-    engine, *_ = leap_ds.initialize(model=model, config=cfg)
+    if args.pieces:
+        # what HF Trainer / Accelerate users do: the pieces, and an engine built by plain DeepSpeed
+        from leap_ds.integration.config import split_config
+        ds_cfg, _ = split_config(cfg)
+        pruner = leap_ds.attach(model, cfg)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_cfg,
+                                          model_parameters=leap_ds.param_groups(model.parameters(), pruner))
+        leap_ds.follow_optimizer(pruner, engine.optimizer, ds_cfg)
+        engine.leap = pruner     # only so this worker reads it like the other paths
+    else:
+        engine, *_ = leap_ds.initialize(model=model, config=cfg)
 
     start = 0
     if args.load:
@@ -97,12 +116,18 @@ def main():
         loss = out.loss
         if i == args.overflow_at:
             loss = loss * float("inf")  # a real fp16 overflow: DeepSpeed skips this step
-        engine.backward(loss)
-        if args.skip_step_at is not None and i // args.grad_accum == args.skip_step_at:
-            applied = engine.was_step_applied
-            engine.was_step_applied = lambda: False
+        if args.backward == "torch":
+            loss.backward()
+        else:
+            engine.backward(loss)
+        if args.unmanaged and (i + 1) % args.grad_accum:
+            pass   # our own accumulation: step() only at the boundary
+        elif args.skip_step_at is not None and i // args.grad_accum == args.skip_step_at:
+            # what an fp16 overflow does: the wrapper skips the inner torch optimizer's step
+            inner = inner_optimizer(engine.optimizer)
+            inner.step = lambda *a, **k: None
             engine.step()
-            engine.was_step_applied = applied
+            del inner.step
         else:
             engine.step()
         loss = out.loss.detach().float().clone()
@@ -111,9 +136,10 @@ def main():
         if (i + 1) % args.grad_accum == 0:  # an optimizer step: the mean loss of its global batch
             losses.append(sum(micro_losses) / len(micro_losses))
             micro_losses = []
-            densities.append(leap_ds.report(engine)["global_density"])
-    rep = leap_ds.report(engine)
-    local = sum(local_slice(p)[0].numel() for p in engine.leap.parameters())
+            densities.append(engine.leap.report()["global_density"])
+    rep = engine.leap.report()
+    # DeepSpeed's own record of what this rank holds (padded to a multiple of the world size)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.leap.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.leap.parameters())
     if args.save and args.save_at is None:
         engine.save_checkpoint(args.save, tag="ckpt")
@@ -121,7 +147,7 @@ def main():
     result = {"rank": rank, "world": world, "losses": losses, "densities": densities,
               "thresholds": [g["threshold"] for g in rep["groups"]], "report": rep,
               "leap_local_numel": local, "leap_full_numel": full, "global_steps": engine.global_steps,
-              "leap_step": engine.leap.step, "finalize": final,
+              "leap_step": engine.leap.step, "leap_param_count": len(list(engine.leap.parameters())), "finalize": final,
               "skipped_steps": getattr(engine, "skipped_steps", 0)}
     with open(f"{args.out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
