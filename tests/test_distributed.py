@@ -138,3 +138,14 @@ def test_pieces_on_a_plain_deepspeed_engine_match_at_zero3(reference, run_tiny):
         assert_same_trajectory(rank, reference)
         rep, fin = rank["report"], rank["finalize"]
         assert fin["zeros"] == fin["master_zeros"] == rep["prunable_weights"] - rep["kept_weights"]
+
+
+def test_uniform_groups_match_across_ranks_at_zero3(run_tiny):
+    """A threshold shared by every layer (params.uniform) is gathered by its own module's
+    forward at ZeRO-3; 2 ranks equal 1 process."""
+    (one,) = run_tiny(nproc=1, stage=0, steps=12, groups="uniform")
+    two = run_tiny(nproc=2, stage=3, steps=12, groups="uniform")
+    assert one["report"]["global_density"] < 0.95
+    assert len(one["thresholds"]) == 4 and len(set(one["thresholds"])) == 2   # 2 layers x 2 shared
+    for rank in two:
+        assert_same_trajectory(rank, one)

@@ -165,3 +165,111 @@ def test_gpt2_channels_use_conv1d_layout():
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
     assert all(int(m.sum()) == 64 for m in masks)
+
+
+def test_device_side_k_equals_the_host_formula():
+    import random
+    from leap_ds.algorithm.mask import kept_units, kept_units_tensor
+    rng = random.Random(0)
+    for _ in range(5000):
+        theta, n = rng.uniform(-8, 8), rng.choice([3, 12, 64, 1536, 2304, 589824])
+        t = torch.tensor([theta])
+        assert int(kept_units_tensor(t, n)) == kept_units(float(t), n)
+
+
+def test_uniform_groups_share_one_threshold_and_keep_the_same_count_per_layer():
+    model = llama(4, 2, 8, layers=3, seed=5)
+    groups = {k: {**v, "params": {**v["params"], "uniform": True}} for k, v in {**HEADS, **LLAMA_CHANNELS}.items()}
+    pruner = attach(model, {"compression_training": tm.leap_section(groups)})
+    assert len(pruner.groups) == 6                       # one handle per layer and structure ...
+    assert len(list(pruner.parameters())) == 2           # ... but one threshold per structure
+    assert len({id(g.module) for g in pruner.groups}) == 2
+    for p in pruner.parameters():
+        p.data.fill_(-0.6)
+    masks = pruner.unit_masks()
+    channel_masks = [m for g, m in zip(pruner.groups, masks) if g.plan.rule.granularity == "channel"]
+    assert len({int(m.sum()) for m in channel_masks}) == 1            # the same count in every layer
+    assert len({tuple(m.tolist()) for m in channel_masks}) > 1        # each layer chooses its own
+    for layer, m in zip(model.model.layers, channel_masks):           # by its own channel norms
+        w = layer.mlp
+        norms = (w.gate_proj.weight.pow(2).sum(1) + w.up_proj.weight.pow(2).sum(1)
+                 + w.down_proj.weight.pow(2).sum(0)).detach()
+        kept = int(m.sum())
+        assert set(torch.topk(norms, kept).indices.tolist()) == set(torch.nonzero(m).flatten().tolist())
+    # training: one regulariser gradient, summed over the layers sharing the threshold
+    model.train()
+    out = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8)))
+    out.loss.backward()
+    assert all(p.grad is not None and float(p.grad) != 0.0 for p in pruner.parameters())
+    rep = pruner.report()
+    assert rep["kept_weights"] == sum(g["kept_weights"] for g in rep["groups"])
+    assert "leap_uniform_mlp" in dict(model.model.named_children())   # not inside the layer list
+
+
+def test_uniform_needs_equal_unit_counts():
+    from transformers import BertConfig, BertForSequenceClassification
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64))
+    model.bert.encoder.layer[1].intermediate.dense = torch.nn.Linear(32, 48)
+    model.bert.encoder.layer[1].output.dense = torch.nn.Linear(48, 32)
+    groups = {"ffn": {**tm.FFN_CHANNELS["ffn"], "params": {"granularity": "channel", "uniform": True}}}
+    with pytest.raises(LeapConfigError, match="uniform.*different unit counts"):
+        attach(model, {"compression_training": tm.leap_section(groups)})
+
+
+def _count_host_reads(monkeypatch, fn):
+    """Calls that read a tensor back to the host (a device synchronisation on a GPU)."""
+    count = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in (
+        "item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "nonzero")}
+    for name, original in originals.items():
+        def counted(self, *a, _original=original, **k):
+            count["n"] += 1
+            return _original(self, *a, **k)
+        setattr(torch.Tensor, name, counted)
+    try:
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return count["n"]
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_host_reads_per_step_do_not_grow_with_the_model(monkeypatch, layers):
+    """The device path (what a GPU runs): masks, k and cuts stay on the device; one read per
+    training forward (lambda needs L_reg's value), none in an evaluation forward or in LEAP's
+    step."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from leap_ds.algorithm import mask
+    monkeypatch.setattr(mask, "HOST_SELECTION_ON_CPU", False)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    groups = {**tm.ATTN_HEADS, **tm.FFN_CHANNELS,
+              "pooler": {"params": {"granularity": "unstructured"}, "modules": [r"pooler\.dense"]}}
+    pruner = attach(model, {"compression_training": tm.leap_section(groups)})
+    ids, labels = torch.randint(1, 64, (4, 8)), torch.tensor([0, 1, 0, 1])
+
+    def train_forward_backward():
+        model(input_ids=ids, labels=labels).loss.backward()
+
+    def evaluate():
+        with torch.no_grad():
+            model(input_ids=ids)
+
+    reads = [_count_host_reads(monkeypatch, train_forward_backward),
+             _count_host_reads(monkeypatch, pruner.on_optimizer_step),
+             _count_host_reads(monkeypatch, train_forward_backward),   # refreshes the scores first
+             _count_host_reads(monkeypatch, evaluate)]
+    assert reads == [1, 0, 1, 0], reads
+
+
+def test_device_cut_equals_host_topk():
+    from leap_ds.algorithm.mask import topk_bool, topk_bool_by_cut
+    g = torch.Generator().manual_seed(1)
+    for n, k in [(1000, 1), (1000, 999), (5000, 2500), (70000, 12345)]:
+        values = torch.randint(0, 50, (n,), generator=g).float()   # many ties at the cut
+        assert torch.equal(topk_bool_by_cut(values, torch.tensor(k)), topk_bool(values, k))
+    assert not topk_bool_by_cut(torch.ones(10), torch.tensor(0)).any()

@@ -62,6 +62,9 @@ def ds_config(stage=0, micro_batch=8, grad_accum=1, world=1, leap=None, lr=1e-3)
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True}},
+        # a schedule that sets one lr for every group: LEAP's lrs are re-scaled at every stage
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                    "warmup_num_steps": 3}},
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10 ** 6,
         "wall_clock_breakdown": False,

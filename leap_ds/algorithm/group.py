@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mask import keep_ratio, kept_units, kept_units_tensor, masked_weight, topk_mask
+from .mask import keep_ratio, kept_units, kept_units_tensor, masked_weight, select_on_host, topk_mask
 
 
 def _in_backward() -> bool:
@@ -28,32 +28,38 @@ class LeapGroup(nn.Module):
     """
 
     def __init__(self, num_units: int, threshold_init: float = 10.0, learned_scores: bool = False,
-                 fused: bool = False, shared_scores: bool = False):
+                 fused: bool = False, shared_scores: bool = False, num_sets: int = 1):
         super().__init__()
         self.num_units = num_units
+        # uniform groups: num_sets layers share the threshold, each with its own scores
+        self.num_sets = num_sets
         self.threshold = nn.Parameter(torch.full((1,), float(threshold_init)))
-        self.scores = nn.Parameter(torch.zeros(num_units)) if learned_scores else None
+        self.scores = nn.Parameter(torch.zeros(num_sets * num_units)) if learned_scores else None
         self.fused = fused
         self.needs_weight_scores = not (learned_scores or fused or shared_scores)
         if shared_scores and not learned_scores:
-            self.register_buffer("unit_scores", torch.zeros(num_units), persistent=False)
+            self.register_buffer("unit_scores", torch.zeros(num_sets * num_units), persistent=False)
         else:
             self.unit_scores = None
         self.pruning_active = True  # False before schedule_offset: everything kept
-        self.pending_keep: torch.Tensor | None = None   # keep ratio of the last training forward
+        self.pending_keep: dict[int, torch.Tensor] = {}   # per set: keep ratio of the last training forward
 
     def __getstate__(self):
-        # the pending keep ratio belongs to this process's autograd graph: not copied or pickled
+        # the pending keep ratios belong to this process's autograd graph: not copied or pickled
         state = dict(super().__getstate__())
-        state["pending_keep"] = None
+        state["pending_keep"] = {}
         return state
 
-    def take_keep(self) -> torch.Tensor | None:
-        keep, self.pending_keep = self.pending_keep, None
-        return keep
+    def take_keep(self, set_index: int = 0) -> torch.Tensor | None:
+        return self.pending_keep.pop(set_index, None)
+
+    def _of_set(self, values: torch.Tensor | None, set_index: int) -> torch.Tensor | None:
+        if values is None or self.num_sets == 1:
+            return values
+        return values.view(self.num_sets, self.num_units)[set_index]
 
     def forward(self, magnitude_scores: torch.Tensor | None = None, *,
-                weight: torch.Tensor | None = None, record: bool = True):
+                weight: torch.Tensor | None = None, record: bool = True, set_index: int = 0):
         """Returns (unit mask, keep ratio), both float32; or, given the ``weight``
         of a group whose units are single weights, (masked weight, keep ratio).
 
@@ -69,9 +75,9 @@ class LeapGroup(nn.Module):
         if weight is not None:
             scores = self.scores            # None: magnitude |W|, computed inside
         else:
-            scores = self.scores if self.scores is not None else magnitude_scores
+            scores = self._of_set(self.scores, set_index) if self.scores is not None else magnitude_scores
             if scores is None:
-                scores = self.unit_scores
+                scores = self._of_set(self.unit_scores, set_index)
             if scores is None:
                 raise RuntimeError("LeapGroup with magnitude scores called without scores")
         if not self.pruning_active:
@@ -80,24 +86,26 @@ class LeapGroup(nn.Module):
             zero = 0.0 * self.threshold.sum()
             if self.scores is not None:
                 zero = zero + 0.0 * self.scores.sum()
-            self._record(keep, record)
+            self._record(keep, record, set_index)
             if weight is not None:
                 return weight + zero.to(weight.dtype), keep
             return torch.ones(self.num_units, device=keep.device) + zero.float(), keep
         if weight is not None:
-            # the exact k-th magnitude needs k on the host; elsewhere k stays on the device
-            k = kept_units(float(self.threshold.detach().float()), self.num_units)
+            # one unit per weight: on the CPU the bracketed k-th magnitude (k read on the host)
+            # is fastest; on an accelerator k and the cut stay on the device
+            k = kept_units(float(self.threshold.detach().float()), self.num_units) \
+                if select_on_host(weight) else kept_units_tensor(self.threshold, self.num_units)
             keep = keep + (k / self.num_units - keep).detach()
-            self._record(keep, record)
+            self._record(keep, record, set_index)
             return masked_weight(weight, self.threshold, scores, k), keep
         k = kept_units_tensor(self.threshold, self.num_units)
         keep = keep + (k / self.num_units - keep).detach()
-        self._record(keep, record)
+        self._record(keep, record, set_index)
         return topk_mask(scores, self.threshold, k), keep
 
-    def _record(self, keep: torch.Tensor, record: bool) -> None:
-        if record and self.pending_keep is None and torch.is_grad_enabled() and not _in_backward():
-            self.pending_keep = keep
+    def _record(self, keep: torch.Tensor, record: bool, set_index: int) -> None:
+        if record and set_index not in self.pending_keep and torch.is_grad_enabled() and not _in_backward():
+            self.pending_keep[set_index] = keep
 
     def extra_repr(self) -> str:
         kind = "learned" if self.scores is not None else "magnitude"

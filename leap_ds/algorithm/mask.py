@@ -20,7 +20,8 @@ def keep_ratio(threshold: torch.Tensor) -> torch.Tensor:
 
 def kept_units_tensor(threshold: torch.Tensor, num_units: int) -> torch.Tensor:
     """k = ceil(sigmoid(theta) * n) as a tensor on theta's device: no host synchronisation."""
-    k = torch.ceil(keep_ratio(threshold.detach()).reshape(()) * num_units)
+    # float64, as kept_units computes it on the host: the same k to the last bit
+    k = torch.ceil(keep_ratio(threshold.detach()).reshape(()).double() * num_units)
     return k.clamp(max=num_units).to(torch.int64)
 
 
@@ -32,6 +33,29 @@ def topk_bool_by_rank(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(order)
     rank[order] = torch.arange(flat.numel(), device=flat.device)
     return (rank < k).view(scores.shape)
+
+
+def topk_bool_by_cut(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """:func:`topk_bool` over many values (one per weight) with k a device tensor: the k-th
+    largest from a sort, ties at the cut taken lowest index first, all on the device."""
+    flat = values.detach().float().reshape(-1)
+    top = torch.sort(flat, descending=True).values
+    cut = top.gather(0, (k - 1).clamp(min=0).reshape(1))
+    above = flat > cut
+    at_cut = flat == cut
+    room = k - above.sum()
+    keep = above | (at_cut & (torch.cumsum(at_cut, 0) <= room))
+    return (keep & (k > 0)).view(values.shape)
+
+
+def select_on_host(tensor: torch.Tensor) -> bool:
+    """Whether to compute k and the cut on the host: free on the CPU (and faster there with the
+    bracketed selection); on an accelerator every read-back stalls the device, so not there."""
+    return tensor.device.type == "cpu" and HOST_SELECTION_ON_CPU
+
+
+# tests switch this off to run (and count the synchronisations of) the device path on the CPU
+HOST_SELECTION_ON_CPU = True
 
 
 def kept_units(threshold_value: float, num_units: int) -> int:
@@ -129,6 +153,11 @@ class _MaskedWeight(torch.autograd.Function):
         n = weight.numel()
         ctx.threshold_shape, ctx.threshold_dtype = threshold.shape, threshold.dtype
         ctx.cut = None
+        if torch.is_tensor(k):   # k on the device: no host synchronisation
+            ranked = weight.detach().abs() if scores is None else scores.detach().view(weight.shape)
+            mask = topk_bool_by_cut(ranked, k)
+            ctx.save_for_backward(weight, mask)
+            return weight * mask
         if scores is None:
             magnitude = weight.detach().abs().reshape(-1)
             if k >= n:

@@ -25,7 +25,8 @@ class LeapMasked:
     """Mixin for a pruned linear layer; see the module docstring.
 
     ``leap_layout``: how the group's units tile this matrix; ``leap_member``:
-    this matrix's index in its group (0 records the keep ratio). The group is
+    this matrix's index in its group (0 records the keep ratio); ``leap_set``:
+    its layer's index when several layers share the group (``uniform``). The group is
     the child ``leap_group`` (one-matrix groups) or shared with the other
     matrices of a head/channel group, held unregistered so its parameters
     are owned once, by the common parent.
@@ -33,6 +34,7 @@ class LeapMasked:
 
     leap_layout: TileLayout
     leap_member: int
+    leap_set: int
 
     @property
     def leap_unit_group(self) -> LeapGroup:
@@ -43,10 +45,11 @@ class LeapMasked:
 
     def leap_masked_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         group, layout, weight = self.leap_unit_group, self.leap_layout, self.leap_logical_weight()
-        record = self.leap_member == 0
+        record, set_index = self.leap_member == 0, self.leap_set
         if group.fused:
             return group(weight=weight, record=record)[0], self.bias
-        unit_mask, _ = group(layout.unit_sq_norms(weight) if group.needs_weight_scores else None, record=record)
+        unit_mask, _ = group(layout.unit_sq_norms(weight) if group.needs_weight_scores else None,
+                             record=record, set_index=set_index)
         w = weight * layout.expand(unit_mask).to(weight.dtype)
         bias, bias_mask = self.bias, layout.bias_mask(unit_mask)
         if bias is not None and bias_mask is not None:
@@ -73,11 +76,12 @@ def masked_class(base: type) -> type:
     return _CLASSES[base]
 
 
-def mask_module(module: nn.Module, layout: TileLayout, member: int, group: LeapGroup, shared: bool) -> None:
+def mask_module(module: nn.Module, layout: TileLayout, member: int, group: LeapGroup, shared: bool,
+                set_index: int = 0) -> None:
     """Swap ``module`` to its masked class in place. ``shared``: the group belongs to several
     matrices and is registered on their common parent, not on this module."""
     module.__class__ = masked_class(type(module))
-    module.leap_layout, module.leap_member = layout, member
+    module.leap_layout, module.leap_member, module.leap_set = layout, member, set_index
     if shared:
         module.__dict__["_leap_shared_group"] = group   # unregistered: no duplicate parameters
     else:
@@ -88,7 +92,7 @@ def unmask_module(module: nn.Module) -> None:
     """The module's own class and forward again (its weights are left as they are)."""
     if isinstance(module, LeapMasked):
         module.__class__ = type(module).__mro__[2]
-        for attr in ("leap_layout", "leap_member", "_leap_shared_group"):
+        for attr in ("leap_layout", "leap_member", "leap_set", "_leap_shared_group"):
             module.__dict__.pop(attr, None)
 
 

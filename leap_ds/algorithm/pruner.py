@@ -17,6 +17,7 @@ no DeepSpeed; the integration layer plugs in ZeRO-aware versions.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from .selection import COUPLED, GroupPlan, GroupRule, LeapConfigError, Member, p
 
 LEAP_LR = "leap_lr"          # param-group key: LEAP's own base learning rate
 LEAP_BETAS = "leap_betas"    # param-group key: LEAP's own Adam betas (schedulers may cycle momentum)
+LEAP_KIND = "leap_kind"      # param-group key: "threshold" or "scores"
 
 
 class LeapUsageError(RuntimeError):
@@ -146,24 +148,31 @@ class LeapPruner:
         self._reg_in_output_loss = False  # the last one went into the model's output loss
 
         self.groups: list[GroupHandle] = []
+        uniform: dict[str, LeapGroup] = {}   # rule name -> the group its layers share
         for i, plan in enumerate(plan_groups(model, rules)):
             shared = len(plan.members) > 1
             learned = plan.rule.score == "learned"
             layout = plan.members[0].layout
             fused = not shared and layout.weights_per_unit == 1 and not layout.masks_bias
-            group = LeapGroup(layout.num_units, threshold_init, learned_scores=learned, fused=fused,
-                              shared_scores=shared).to(plan.members[0].module.weight.device)
-            handle = GroupHandle(i, plan, group)
-            if shared:
-                owner = model.get_submodule(plan.owner_name)
-                attr = self.SHARED_ATTR[plan.rule.granularity]
-                if hasattr(owner, attr):
-                    raise LeapConfigError(f"{plan.owner_name!r} already has a {attr!r}: two "
-                                          f"{plan.rule.granularity} groups share one parent module")
-                owner.add_module(attr, group)
+            if plan.set_index > 0:
+                group = uniform[plan.rule.name]
+            else:
+                group = LeapGroup(layout.num_units, threshold_init, learned_scores=learned, fused=fused,
+                                  shared_scores=shared, num_sets=plan.num_sets
+                                  ).to(plan.members[0].module.weight.device)
+                if shared:
+                    owner = model.get_submodule(plan.owner_name)
+                    attr = self.SHARED_ATTR[plan.rule.granularity]
+                    if plan.num_sets > 1:
+                        attr = "leap_uniform_" + re.sub(r"\W", "_", plan.rule.name)
+                        uniform[plan.rule.name] = group
+                    if hasattr(owner, attr):
+                        raise LeapConfigError(f"{plan.owner_name!r} already has a {attr!r}: two "
+                                              f"{plan.rule.granularity} groups share one parent module")
+                    owner.add_module(attr, group)
             for j, member in enumerate(plan.members):
-                mask_module(member.module, member.layout, j, group, shared)
-            self.groups.append(handle)
+                mask_module(member.module, member.layout, j, group, shared, plan.set_index)
+            self.groups.append(GroupHandle(i, plan, group))
         self._scores_stale = False
         self._hooks = [model.register_forward_pre_hook(self._before_model_forward),
                        model.register_forward_hook(self._add_regularizer_to_loss)]
@@ -188,7 +197,7 @@ class LeapPruner:
 
     def has_pending_forward(self) -> bool:
         """A training forward ran whose regulariser has not been built yet."""
-        return not self.finalized and any(g.module.pending_keep is not None for g in self.groups)
+        return not self.finalized and any(g.module.pending_keep for g in self.groups)
 
     # ------------------------------------------------------------- regulariser
     @property
@@ -204,7 +213,7 @@ class LeapPruner:
         sum_g sigmoid(theta_g) N_g / sum_g N_g. The keep ratios come from the
         forward pass, where ZeRO-3 had gathered each threshold anyway.
         """
-        keep = [g.module.take_keep() for g in self.groups]
+        keep = [g.module.take_keep(g.plan.set_index) for g in self.groups]
         in_output, self._reg_in_output_loss = self._reg_in_output_loss, False
         missing = [g.name for g, k in zip(self.groups, keep) if k is None]
         if len(missing) == len(self.groups) and in_output:
@@ -246,7 +255,7 @@ class LeapPruner:
         self._reg_built = self._reg_backpropagated = 0
         if dropped:
             for g in self.groups:
-                g.module.take_keep()
+                g.module.pending_keep.clear()
             raise LeapUsageError(
                 "LEAP's density regulariser did not reach a backward pass before this optimizer "
                 "step, so the thresholds would train on the task loss alone. Use "
@@ -266,8 +275,9 @@ class LeapPruner:
 
     def hook_optimizer(self, optimizer: torch.optim.Optimizer) -> list:
         """Follow a torch optimizer: before each step LEAP's groups get their scheduled lr and
-        own betas; after each step actually taken (an fp16 overflow skips the inner step, and
-        gradient accumulation calls it once per boundary) LEAP advances. Returns the handles."""
+        own betas; after each step that updated the thresholds (an fp16 overflow skips the
+        inner step, and gradient accumulation calls it once per boundary) LEAP advances.
+        Returns the hook handles."""
         return [optimizer.register_step_pre_hook(self._before_optimizer_step),
                 optimizer.register_step_post_hook(self._after_optimizer_step)]
 
@@ -275,7 +285,10 @@ class LeapPruner:
         sync_leap_param_groups(optimizer.param_groups, self.reference_lr)
 
     def _after_optimizer_step(self, optimizer, args, kwargs):
-        self.on_optimizer_step()
+        # ZeRO steps its inner optimizer once per parameter group (stages 1-2) or sub-group
+        # (stage 3), with only that group's parameters in place: advance once, with the thresholds
+        if any(g.get(LEAP_KIND) == "threshold" and g["params"] for g in optimizer.param_groups):
+            self.on_optimizer_step()
 
     def _set_active(self):
         for g in self.groups:
@@ -302,7 +315,8 @@ class LeapPruner:
         device = groups[0].module.unit_scores.device
         flat_scores = self.ops.all_reduce_sum(torch.cat([p.to(device) for p in parts]))
         for g, scores in zip(groups, flat_scores.split([g.num_units for g in groups])):
-            g.module.unit_scores.copy_(scores.to(g.module.unit_scores.device))
+            target = g.module.unit_scores.view(g.module.num_sets, g.num_units)[g.plan.set_index]
+            target.copy_(scores.to(target.device))
 
     # ---------------------------------------------------------------- reporting
     def thresholds(self) -> list[float]:
@@ -363,7 +377,7 @@ class LeapPruner:
             return topk_bool(g.module.scores.view(w.shape) if g.learned else w.abs(), k)
         scores = g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0])) \
             if g.module.needs_weight_scores else None
-        mask, _ = g.module(scores, record=False)
+        mask, _ = g.module(scores, record=False, set_index=g.plan.set_index)
         return mask
 
     @torch.no_grad()
@@ -401,7 +415,7 @@ class LeapPruner:
     def detach(self) -> None:
         """Restore every module's own class and forward (the LeapGroup modules stay, unused)."""
         for g in self.groups:
-            g.module.take_keep()
+            g.module.pending_keep.clear()
             for m in g.members:
                 unmask_module(m.module)
         for hook in self._hooks:
@@ -418,12 +432,14 @@ class LeapPruner:
         self.refresh_scores()
 
     def parameters(self, kind: str | None = None):
-        """LEAP's own parameters: kind 'threshold', 'scores' or None for both."""
+        """LEAP's own parameters (each once): kind 'threshold', 'scores' or None for both."""
+        seen = set()
         for g in self.groups:
-            if kind in (None, "threshold"):
-                yield g.module.threshold
-            if kind in (None, "scores") and g.learned:
-                yield g.module.scores
+            for p in ((g.module.threshold,) if kind in (None, "threshold") else ()) + \
+                     ((g.module.scores,) if kind in (None, "scores") and g.learned else ()):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
 
 
 def sync_leap_param_groups(param_groups: list[dict], reference_lr: float | None) -> None:
@@ -436,6 +452,8 @@ def sync_leap_param_groups(param_groups: list[dict], reference_lr: float | None)
     initial lr (torch's LambdaLR, CosineAnnealingLR, DeepSpeed's WarmupCosineLR) already
     schedule LEAP's lr and are left alone."""
     weights = next((g for g in param_groups if LEAP_LR not in g), None)
+    if weights is None:
+        return   # ZeRO stepping LEAP's group alone: its wrapper synced all groups before
     for g in param_groups:
         if LEAP_LR not in g:
             continue

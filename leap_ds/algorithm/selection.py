@@ -1,10 +1,12 @@
 """Which modules a rule prunes: regexes over ``named_modules()`` and module types.
 
 Follows DeepSpeed's compression conventions: ``modules`` are regexes matched
-with ``re.search``; for heads, ``modules`` match the attention output
-projection and ``related_modules`` match its Q, K and V projections. No model
-file is forked: any model whose prunable layers are ``nn.Linear`` (BERT,
-RoBERTa, Llama, ...) or Hugging Face ``Conv1D`` (GPT-2) works.
+with ``re.search``. Units that span several matrices name the consumer in
+``modules`` and its producers in ``related_modules``: heads (the attention
+output projection; Q, K, V) and channels (the FFN output projection; FFN in,
+or gate and up). No model file is forked: any model whose prunable layers are
+``nn.Linear`` (BERT, RoBERTa, Llama, Qwen, ...) or Hugging Face ``Conv1D``
+(GPT-2) works.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class GroupRule:
     num_kv_heads: int | None = None
     related_modules: list[str] = field(default_factory=list)
     allow_dead_weights: bool = False
+    uniform: bool = False      # head/channel: one threshold for every matched layer
 
 
 @dataclass
@@ -54,6 +57,8 @@ class GroupPlan:
     rule: GroupRule
     members: list[Member]
     owner_name: str          # where the LeapGroup module is attached
+    set_index: int = 0       # uniform groups: this layer's index among the layers sharing a threshold
+    num_sets: int = 1        # uniform groups: how many layers share the threshold
 
 
 def is_prunable(module: nn.Module) -> bool:
@@ -208,6 +213,21 @@ def _plan_channels(rule: GroupRule, modules, out_name: str, related: list[list[s
     return GroupPlan(f"{rule.name}:{owner}", rule, members, owner)
 
 
+def _share_threshold(plans: list[GroupPlan], modules, where: str) -> None:
+    """``uniform``: the layers' groups share one threshold (owned by their common parent), so
+    every layer keeps the same number of units, each choosing its own."""
+    units = {p.name: p.members[0].layout.num_units for p in plans}
+    if len(set(units.values())) != 1:
+        raise LeapConfigError(f"{where}.params.uniform: the matched layers have different unit counts "
+                              f"{units}; a shared threshold keeps the same number in each. Split the group.")
+    owner = _common_parent([m.name for p in plans for m in p.members])
+    # never register on a ModuleList/Sequential: the model iterates those as layers
+    while owner and isinstance(modules[owner], (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+        owner = owner.rpartition(".")[0]
+    for i, plan in enumerate(plans):
+        plan.owner_name, plan.set_index, plan.num_sets = owner, i, len(plans)
+
+
 def _refuse_dead_weights(plans: list[GroupPlan], claimed: dict[str, str], modules) -> None:
     """A pruned row whose output feeds another pruned matrix leaves that matrix's column dead
     but counted as kept (and a pruned column, the producer's row): refuse unless allowed.
@@ -278,11 +298,15 @@ def plan_groups(model: nn.Module, rules: list[GroupRule]) -> list[GroupPlan]:
             raise LeapConfigError(f"{where}.related_modules: {rule.granularity} granularity needs the "
                                   f"projections feeding the matched modules, e.g. {example}")
         related = [_match(modules, p, f"{where}.related_modules") for p in rule.related_modules]
+        rule_plans = []
         for out_name in matched:
             if rule.granularity == "head":
-                plans.append(_plan_heads(rule, model, modules, out_name, related, where, claim))
+                rule_plans.append(_plan_heads(rule, model, modules, out_name, related, where, claim))
             else:
-                plans.append(_plan_channels(rule, modules, out_name, related, where, claim))
+                rule_plans.append(_plan_channels(rule, modules, out_name, related, where, claim))
+        if rule.uniform:
+            _share_threshold(rule_plans, modules, where)
+        plans += rule_plans
     if not plans:
         raise LeapConfigError("compression_training.leap.different_groups is empty: name at least "
                               "one group of modules to prune")

@@ -38,6 +38,9 @@ class GroupParams(_Strict):
     # row / column pruning of a matrix whose units feed (or are fed by) another pruned matrix
     # of the same layer is refused unless this is set (dead weights would count as kept)
     allow_dead_weights: Annotated[bool, Field(strict=True)] = False
+    # head / channel: one threshold for every matched layer, so every layer keeps the same
+    # number of units (a compact model that plain transformers configs can express)
+    uniform: Annotated[bool, Field(strict=True)] = False
 
     @model_validator(mode="after")
     def _block(self):
@@ -53,6 +56,8 @@ class GroupParams(_Strict):
                              f"not {self.granularity!r}")
         if self.granularity not in ("row", "column") and self.allow_dead_weights:
             raise ValueError("allow_dead_weights is only used with granularity 'row' or 'column'")
+        if self.granularity not in ("head", "channel") and self.uniform:
+            raise ValueError("uniform is only used with granularity 'head' or 'channel'")
         return self
 
 
@@ -99,7 +104,8 @@ class LeapSection(_Strict):
         return [GroupRule(name=name, modules=g.modules, granularity=g.params.granularity,
                           score=g.params.score or shared.score, block=g.params.block_size,
                           num_heads=g.params.num_heads, num_kv_heads=g.params.num_kv_heads,
-                          related_modules=g.related_modules, allow_dead_weights=g.params.allow_dead_weights)
+                          related_modules=g.related_modules, allow_dead_weights=g.params.allow_dead_weights,
+                          uniform=g.params.uniform)
                 for name, g in self.different_groups.items()]
 
     def pruner_settings(self) -> dict:

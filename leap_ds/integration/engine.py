@@ -24,7 +24,7 @@ import logging
 import deepspeed
 import torch
 
-from ..algorithm.pruner import LEAP_BETAS, LEAP_LR, LeapPruner, LeapUsageError
+from ..algorithm.pruner import LEAP_BETAS, LEAP_KIND, LEAP_LR, LeapPruner, LeapUsageError, sync_leap_param_groups
 from ..algorithm.selection import LeapConfigError
 from .config import LeapSection, load_ds_config, parse_leap_section, split_config
 from .zero import zero_ops
@@ -80,7 +80,8 @@ def param_groups(params, pruner: LeapPruner, threshold_lr: float | None = None,
     for kind, lr in (("threshold", threshold_lr), ("scores", score_lr)):
         owned = list(pruner.parameters(kind))
         if owned:  # never an empty group: ZeRO cannot flatten one
-            group = {"params": owned, "lr": lr, LEAP_LR: lr, "weight_decay": 0.0, "name": f"leap_{kind}"}
+            group = {"params": owned, "lr": lr, LEAP_LR: lr, LEAP_KIND: kind, "weight_decay": 0.0,
+                     "name": f"leap_{kind}"}
             if kind == "threshold":
                 group["betas"] = group[LEAP_BETAS] = tuple(defaults.threshold_betas)
             groups.append(group)
@@ -107,29 +108,52 @@ def reference_lr(ds_config: dict, optimizer=None) -> float | None:
     return None
 
 
-def inner_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, fp16, bf16) or accelerate's."""
-    seen = optimizer
-    while not isinstance(seen, torch.optim.Optimizer):
-        nxt = getattr(seen, "optimizer", None)
-        if nxt is None or nxt is seen:
+def _optimizer_chain(optimizer) -> list:
+    """[outermost wrapper, ..., the torch optimizer] through DeepSpeed's wrappers (ZeRO, fp16,
+    bf16) and accelerate's."""
+    chain = [optimizer]
+    while not isinstance(chain[-1], torch.optim.Optimizer):
+        nxt = getattr(chain[-1], "optimizer", None)
+        if nxt is None or nxt is chain[-1]:
             raise LeapUsageError(f"cannot find the torch optimizer inside {type(optimizer).__name__}; "
                                  f"LEAP must follow its steps (pass a torch optimizer or a DeepSpeed one)")
-        seen = nxt
-    return seen
+        chain.append(nxt)
+    return chain
+
+
+def inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO, fp16, bf16) or accelerate's."""
+    return _optimizer_chain(optimizer)[-1]
 
 
 def follow_optimizer(pruner: LeapPruner, optimizer, ds_config: dict | None = None) -> None:
     """Make LEAP follow an optimizer (a torch one, or DeepSpeed's/accelerate's wrapper): LEAP's
     lrs and betas are set before each step, LEAP advances after each step actually applied."""
-    inner = inner_optimizer(optimizer)
-    if not any(LEAP_LR in g for g in inner.param_groups):
+    chain = _optimizer_chain(optimizer)
+    inner = chain[-1]
+    if not any(g.get(LEAP_KIND) == "threshold" for g in inner.param_groups):
         raise LeapUsageError("LEAP's thresholds are not in their own parameter group of this "
                              "optimizer: build it from leap_ds.param_groups(model.parameters(), pruner)")
     for handle in getattr(pruner, "_optimizer_hooks", []):
         handle.remove()
     pruner.reference_lr = reference_lr(ds_config or {}, inner)
     pruner._optimizer_hooks = pruner.hook_optimizer(inner)
+    if len(chain) > 1:
+        _sync_before_wrapper_steps(chain[-2], pruner)
+
+
+def _sync_before_wrapper_steps(wrapper, pruner: LeapPruner) -> None:
+    """ZeRO 1-2 steps its torch optimizer one parameter group at a time, so the inner pre-hook
+    cannot see the weights' lr next to LEAP's: sync all groups before the wrapper's step."""
+    if getattr(wrapper, "_leap_synced_step", False):
+        return
+    step = wrapper.step
+
+    def synced_step(*args, **kwargs):
+        sync_leap_param_groups(wrapper.param_groups, pruner.reference_lr)
+        return step(*args, **kwargs)
+    wrapper.step = synced_step
+    wrapper._leap_synced_step = True
 
 
 def _install_hooks(engine, pruner: LeapPruner) -> None:

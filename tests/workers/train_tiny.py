@@ -40,7 +40,7 @@ def finalize_check(engine):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="bert")
-    ap.add_argument("--groups", default="hybrid", choices=["hybrid", "unstructured", "learned", "heads"])
+    ap.add_argument("--groups", default="hybrid", choices=["hybrid", "unstructured", "learned", "heads", "uniform"])
     ap.add_argument("--stage", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--global-batch", type=int, default=8)
@@ -69,6 +69,9 @@ def main():
     groups = {
         "hybrid": tm.HYBRID_BERT,
         "heads": tm.ATTN_HEADS,
+        # one threshold per structure shared by both layers: no single layer's forward owns it
+        "uniform": {name: {**g, "params": {**g["params"], "uniform": True}}
+                    for name, g in {**tm.ATTN_HEADS, **tm.FFN_CHANNELS}.items()},
         "unstructured": {"all": {"params": {"granularity": "unstructured"},
                                  "modules": [r"encoder\.layer\.\d+\..*dense|query|key|value"]}},
         "learned": {"all": {"params": {"granularity": "row", "score": "learned"},
