@@ -54,6 +54,10 @@ def _no_write(param):
     return None
 
 
+def _never(param):
+    return False
+
+
 @dataclass
 class DistributedOps:
     """How to read parameters and combine values across ranks.
@@ -63,6 +67,7 @@ class DistributedOps:
     over ranks, in place. ``gather(params)``: a context in which the full
     parameters are readable (and writable: changes are kept).
     ``after_write(param)``: copy a changed parameter to the optimizer's master.
+    ``is_partitioned(param)``: only part of it is on this rank (ZeRO-3).
     Defaults: one process holding everything. Plain functions, so a pruner
     (and a model holding one) can be pickled.
     """
@@ -70,6 +75,7 @@ class DistributedOps:
     all_reduce_sum: object = _no_reduce
     gather: object = _no_gather
     after_write: object = _no_write
+    is_partitioned: object = _never
 
 
 @dataclass
@@ -297,26 +303,35 @@ class LeapPruner:
     def refresh_scores(self) -> None:
         """Recompute magnitude scores of groups spanning several matrices (heads, channels).
 
-        Each rank sums squares over the weights it holds, then one all-reduce
-        combines them: no weight is gathered.
+        A rank holding whole weights computes them alone (no collective, so a forward on one
+        rank is possible); with ZeRO-3 partitions each rank sums squares over the part it holds
+        and one all-reduce combines them: no weight is gathered.
         """
         self._scores_stale = False
         groups = [g for g in self.groups if g.module.unit_scores is not None]
-        if not groups:
+        partitioned = [g for g in groups if any(self.ops.is_partitioned(m.module.weight) for m in g.members)]
+        for g in groups:
+            if g not in partitioned:
+                self._set_unit_scores(g, sum(m.layout.unit_sq_norms(_logical_weight(m)) for m in g.members))
+        if not partitioned:
             return
         parts = []
-        for g in groups:
+        for g in partitioned:
             total = None
             for m in g.members:
                 flat, start = self.ops.local_slice(m.module.weight)
                 part = m.layout.unit_sq_norms_of_slice(flat, start)
                 total = part if total is None else total + part.to(total.device)
             parts.append(total)
-        device = groups[0].module.unit_scores.device
+        device = partitioned[0].module.unit_scores.device
         flat_scores = self.ops.all_reduce_sum(torch.cat([p.to(device) for p in parts]))
-        for g, scores in zip(groups, flat_scores.split([g.num_units for g in groups])):
-            target = g.module.unit_scores.view(g.module.num_sets, g.num_units)[g.plan.set_index]
-            target.copy_(scores.to(target.device))
+        for g, scores in zip(partitioned, flat_scores.split([g.num_units for g in partitioned])):
+            self._set_unit_scores(g, scores)
+
+    @staticmethod
+    def _set_unit_scores(g: GroupHandle, scores: torch.Tensor) -> None:
+        target = g.module.unit_scores.view(g.module.num_sets, g.num_units)[g.plan.set_index]
+        target.copy_(scores.to(target.device))
 
     # ---------------------------------------------------------------- reporting
     def thresholds(self) -> list[float]:

@@ -276,8 +276,9 @@ def plan_groups(model: nn.Module, rules: list[GroupRule]) -> list[GroupPlan]:
                          key=list(modules).index)
         if rule.granularity not in COUPLED:
             if rule.related_modules:
-                raise LeapConfigError(f"{where}.related_modules: only granularities "
-                                      f"{' and '.join(COUPLED)} use related_modules; remove it")
+                raise LeapConfigError(f"{where}.related_modules: only params.granularity "
+                                      f"{' and '.join(COUPLED)} use related_modules, not "
+                                      f"{rule.granularity!r}; set params.granularity or remove related_modules")
             for name in matched:
                 claim(name, rule)
                 rows, cols, transposed = logical_shape(modules[name])

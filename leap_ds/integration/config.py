@@ -23,9 +23,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# strict: JSON true is not the number 1, "0.3" is not 0.3 (ints are still fine for floats)
-Float = Annotated[float, Field(strict=True)]
+# strict: JSON true is not the number 1, "0.3" is not 0.3 (ints are still fine for floats);
+# finite (each field bounds its own range so that float32 tensors stay finite)
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Int = Annotated[int, Field(strict=True)]
+Beta = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, lt=1.0)]
 
 
 class GroupParams(_Strict):
@@ -72,26 +74,36 @@ class GroupConfig(_Strict):
         # DeepSpeed's old schema nests them one list per module pattern
         return [p for item in v for p in ([item] if isinstance(item, str) else item)]
 
+    @model_validator(mode="after")
+    def _related_only_for_coupled(self):
+        if self.related_modules and self.params.granularity not in ("head", "channel"):
+            raise ValueError(f"related_modules is only used with params.granularity 'head' or 'channel', "
+                             f"but params.granularity is {self.params.granularity!r} (the default when "
+                             f"unset): set params.granularity, or remove related_modules")
+        return self
+
 
 class SharedParameters(_Strict):
     enabled: Annotated[bool, Field(strict=True)] = True
     target_density: Float = Field(gt=0.0, le=1.0)
-    lambda_max: Float = Field(default=20000.0, gt=0.0)
+    # bounded so that lambda * L_reg stays finite in float32 / bf16 losses
+    lambda_max: Float = Field(default=20000.0, gt=0.0, le=1e12)
     # lambda drops to its floor (10) once R - R_t < density_tolerance, i.e. L_reg < its
     # square; the paper's 3e-4 on L_reg is 0.0173 above the target
     density_tolerance: Float = Field(default=DEFAULT_DENSITY_TOLERANCE, gt=0.0, lt=1.0)
     # least lambda while the density is more than density_tolerance above the target (paper: 50)
-    lambda_min: Float = Field(default=50.0, gt=0.0)
+    lambda_min: Float = Field(default=50.0, gt=0.0, le=1e12)
     # "one_sided" (the paper): no pull below the target; "two_sided": (R - R_t)^2 either way
     regularizer: Literal["one_sided", "two_sided"] = "one_sided"
-    threshold_init: Float = 10.0
-    threshold_lr: Float = Field(default=1e-2, gt=0.0)
-    score_lr: Float = Field(default=1e-2, gt=0.0)
+    # |theta| <= 30: sigmoid saturates in float32 well before (a larger start only delays pruning)
+    threshold_init: Float = Field(default=10.0, ge=-30.0, le=30.0)
+    threshold_lr: Float = Field(default=1e-2, gt=0.0, le=1e3)
+    score_lr: Float = Field(default=1e-2, gt=0.0, le=1e3)
     schedule_offset: Int = Field(default=0, ge=0)
     # Adam betas of the thresholds' group: no momentum, so theta stops within about
     # one step once the one-sided regulariser lets go at the target (no overshoot);
     # a short second-moment memory, or the early gradients (lambda ~ 2e4) freeze theta later
-    threshold_betas: tuple[Float, Float] = (0.0, 0.9)
+    threshold_betas: tuple[Beta, Beta] = (0.0, 0.9)
     score: Literal["magnitude", "learned"] = "magnitude"
 
 

@@ -56,4 +56,4 @@ def write_master(param):
 
 def zero_ops() -> DistributedOps:
     return DistributedOps(local_slice=local_slice, all_reduce_sum=all_reduce_sum,
-                          gather=gather, after_write=write_master)
+                          gather=gather, after_write=write_master, is_partitioned=_is_zero3)
