@@ -64,7 +64,8 @@ def main():
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True)
+    # the accelerator's backend: gloo on CPU, NCCL on GPUs (the GPU check runs this worker)
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True)
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = {
         "hybrid": tm.HYBRID_BERT,
@@ -115,7 +116,8 @@ def main():
         j = i % args.grad_accum
         if args.save and args.save_at is not None and i == args.save_at * args.grad_accum:
             engine.save_checkpoint(args.save, tag=f"step{args.save_at}")
-        out = engine(input_ids=ids[j * sub:(j + 1) * sub], labels=labels[j * sub:(j + 1) * sub])
+        out = engine(input_ids=ids[j * sub:(j + 1) * sub].to(engine.device),
+                     labels=labels[j * sub:(j + 1) * sub].to(engine.device))
         loss = out.loss
         if i == args.overflow_at:
             loss = loss * float("inf")  # a real fp16 overflow: DeepSpeed skips this step
