@@ -124,8 +124,8 @@ def test_resume_after_interruption(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_dry_runs_and_trains(config, tiny_model_dir, tmp_path):
-    from leap_ds.apps.train import main
-    rep = main(["--dry-run", "--deepspeed_config", str(config)])   # the real MiniLM
+    from leap_ds.apps.train import run_job
+    rep = run_job(["--dry-run", "--deepspeed_config", str(config)])   # the real MiniLM
     theta0 = json.load(open(config))["compression_training"]["leap"]["shared_parameters"]["threshold_init"]
     keep0 = 1 / (1 + math.exp(-theta0))
     kept = sum(math.ceil(keep0 * g["units"]) * g["weights"] // g["units"] for g in rep["groups"])

