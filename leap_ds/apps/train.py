@@ -426,7 +426,7 @@ def _main(args):
         student.load_state_dict(teacher.state_dict())
     config = fill_auto(raw_config, steps, run.out)
     engine, _, _, _ = leap_ds.initialize(model=student, config=config)
-    if teacher is not None:
+    if teacher is not None and distill:    # it runs next to the student
         teacher = placement.to_device(teacher, engine.device)
     history, evals = [], []
     if resuming:
