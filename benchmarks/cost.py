@@ -215,6 +215,7 @@ def worker(args):
     import deepspeed
     import deepspeed.comm as dist
     import torch
+    from leap_ds.apps import device as placement
     quiet()
     torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -227,7 +228,8 @@ def worker(args):
         for name in spec["configs"]:
             groups = None if name == "dense" else GRANULARITIES[name]
             engines[name] = build_engine(spec, groups, spec["batch"], 0, world, spec["warmup"] + spec["steps"])
-            batches[name] = batch_for(engines[name].module, spec["batch"], spec["seq"])
+            batches[name] = placement.to_device(batch_for(engines[name].module, spec["batch"], spec["seq"]),
+                                                engines[name].device)
         out["timing"] = round_robin(engines, batches, spec["warmup"], spec["steps"])
         leap = next((e.leap for e in engines.values() if getattr(e, "leap", None) is not None), None)
         dense = engines.get("dense")
@@ -244,7 +246,7 @@ def worker(args):
         rss0 = rss_mb()
         engine = build_engine(spec, None if name == "dense" else GRANULARITIES[name], spec["batch"], 0, world,
                               spec["warmup"] + spec["steps"])
-        batch = batch_for(engine.module, spec["batch"], spec["seq"])
+        batch = placement.to_device(batch_for(engine.module, spec["batch"], spec["seq"]), engine.device)
         rss_init, peak_init = rss_mb(), peak_rss_mb()
         for _ in range(spec["warmup"] + spec["memory_steps"]):
             train_step(engine, batch)
@@ -254,7 +256,8 @@ def worker(args):
     elif args.worker == "state":      # (b): LEAP's own parameters per rank at ZeRO-3
         from leap_ds.integration.zero import local_slice
         engine = build_engine(spec, GRANULARITIES[spec["config"]], spec["batch"], 3, world, 4)
-        batch = batch_for(engine.module, spec["batch"] // world, spec["seq"], seed=rank)
+        batch = placement.to_device(batch_for(engine.module, spec["batch"] // world, spec["seq"], seed=rank),
+                                    engine.device)
         for _ in range(spec["steps"]):   # prove the partitioned state trains
             train_step(engine, batch)
         owned = {"threshold": [0, 0], "scores": [0, 0]}

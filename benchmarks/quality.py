@@ -227,9 +227,11 @@ def count_density(model) -> tuple[float, int, int]:
 def evaluate_model(model, val, num_labels):
     import torch
     from leap_ds.apps.evaluate import evaluate
+    from leap_ds.apps.device import module_device
     model.eval()
     with torch.no_grad():
-        return evaluate(lambda b: model(**{k: b[k] for k in INPUTS if k in b}).logits, val, 64, num_labels)
+        return evaluate(lambda b: model(**{k: b[k] for k in INPUTS if k in b}).logits, val, 64, num_labels,
+                        device=module_device(model))
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -255,6 +257,7 @@ def train_loop(model, train, args, steps, *, loss_fn, groups, after_step=None, b
     scaled from its own base lr, as leap_ds does for LEAP), clipping at 1.0 over every trainable
     parameter (as DeepSpeed's gradient_clipping does over the module's parameters)."""
     import torch
+    from leap_ds.apps import device as placement
     from leap_ds.apps.batching import GlobalBatchSampler
     for g in groups:
         g.setdefault("weight_decay", 0.01)
@@ -273,7 +276,7 @@ def train_loop(model, train, args, steps, *, loss_fn, groups, after_step=None, b
             f = lr_factor(step, steps)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            batch = train[idx]
+            batch = placement.to_device(train[idx], placement.module_device(model))
             loss, extra = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

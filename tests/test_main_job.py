@@ -15,13 +15,13 @@ DENSITY_BAND = 0.01   # README: +/-0.01 with the shipped configs (density_tolera
 CONFIGS = sorted((Path(ROOT) / "ds_configs").glob("*.json"))
 
 
-def small_config(tmp_path, **shared):
-    cfg = json.load(open(Path(ROOT) / "ds_configs" / "default.json"))
+def small_config(tmp_path, base="default", **shared):
+    cfg = json.load(open(Path(ROOT) / "ds_configs" / f"{base}.json"))
     cfg["optimizer"]["params"]["lr"] = 1e-3   # LEAP's lrs follow its warmup and linear decay
     cfg["scheduler"]["params"]["warmup_max_lr"] = 1e-3
     cfg["compression_training"]["leap"]["shared_parameters"].update(
         {"target_density": 0.5, "threshold_init": 2.0, "threshold_lr": 0.1, **shared})
-    path = tmp_path / "config.json"
+    path = tmp_path / f"config_{base}.json"
     json.dump(cfg, open(path, "w"))
     return path
 
@@ -70,6 +70,7 @@ def test_outputs_and_exported_model(finished_run):
         assert (out / name).exists(), name
     assert open(out / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert metrics["world_size"] == 2 and metrics["steps"] == 60 and metrics["distillation"]
+    assert metrics["target_reached"] is True
     assert metrics["dense_accuracy"] is not None
 
     # the exported model is plain transformers and reproduces the logged accuracy
@@ -113,6 +114,7 @@ def test_resume_after_interruption(tiny_model_dir, tmp_path):
     config = small_config(tmp_path)
     common = ["--model", tiny_model_dir, "--deepspeed_config", config, "--max-train-samples", 320,
               "--max-eval-samples", 64, "--no-distill", "--student-init", "model", "--eval-interval", 0,
+              "--allow-missed-target",   # 10 and 20 steps: too few to reach the target, on purpose
               "--checkpoint-interval", 10, "--output-dir", tmp_path / "run"]
     train(2, *common, "--max-steps", 10)
     os.remove(tmp_path / "run" / "metrics.json")       # as if stopped after the checkpoint
@@ -124,15 +126,15 @@ def test_resume_after_interruption(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_dry_runs_and_trains(config, tiny_model_dir, tmp_path):
-    from leap_ds.apps.train import main
-    rep = main(["--dry-run", "--deepspeed_config", str(config)])   # the real MiniLM
+    from leap_ds.apps.train import run_job
+    rep = run_job(["--dry-run", "--deepspeed_config", str(config)])   # the real MiniLM
     theta0 = json.load(open(config))["compression_training"]["leap"]["shared_parameters"]["threshold_init"]
     keep0 = 1 / (1 + math.exp(-theta0))
     kept = sum(math.ceil(keep0 * g["units"]) * g["weights"] // g["units"] for g in rep["groups"])
     assert rep["prunable_weights"] > 0 and rep["global_density"] == kept / rep["prunable_weights"]
     train(2, "--model", tiny_model_dir, "--deepspeed_config", config, "--max-train-samples", 128,
                  "--max-eval-samples", 32, "--max-steps", 3, "--no-distill", "--student-init", "model",
-                 "--eval-interval", 0, "--output-dir", tmp_path / "run")
+                 "--eval-interval", 0, "--allow-missed-target", "--output-dir", tmp_path / "run")
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["steps"] == 3 and metrics["zero_stage"] == json.load(open(config))["zero_optimization"]["stage"]
 
@@ -143,14 +145,18 @@ def test_every_shipped_config_dry_runs_and_trains(config, tiny_model_dir, tmp_pa
     (["--train-file", "{one_class}"], "two classes"),
     (["--model", "/nonexistent/model"], "does not load"),
     (["--deepspeed_config", "{bad_config}"], "target_density"),
+    # 20 steps cannot take the thresholds from 2.0 to logit(0.5) = 0 at threshold_lr 0.1 (59 can)
+    (["--model", "{tiny_model}", "--deepspeed_config", "{small_config}", "--max-steps", "20"],
+     "20 pruning steps cannot bring the density to the target 0.5"),
 ])
-def test_bad_input_fails_early_with_a_clear_message(flags, message, tmp_path):
+def test_bad_input_fails_early_with_a_clear_message(flags, message, tmp_path, tiny_model_dir):
     (tmp_path / "t.csv").write_text("text,label\n" + "good film,1\nbad film,0\n" * 10)
     (tmp_path / "one.csv").write_text("text,label\n" + "good film,1\nfine film,1\n" * 10)
     bad = json.load(open(Path(ROOT) / "ds_configs" / "default.json"))
     bad["compression_training"]["leap"]["shared_parameters"]["target_density"] = 1.5
     json.dump(bad, open(tmp_path / "bad.json", "w"))
-    subs = {"{csv}": tmp_path / "t.csv", "{one_class}": tmp_path / "one.csv", "{bad_config}": tmp_path / "bad.json"}
+    subs = {"{csv}": tmp_path / "t.csv", "{one_class}": tmp_path / "one.csv", "{bad_config}": tmp_path / "bad.json",
+            "{tiny_model}": tiny_model_dir, "{small_config}": small_config(tmp_path)}
     flags = [str(subs.get(f, f)) for f in flags]
     # two ranks started by hand (a launcher would kill the second when the first exits):
     # each must find the problem itself, before any collective or training
@@ -165,5 +171,34 @@ def test_bad_input_fails_early_with_a_clear_message(flags, message, tmp_path):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-3000:]
         assert message in err and "leap-ds train: error:" in err
-        assert "LEAP step" not in out
+        assert "LEAP step" not in out and "teacher" not in out
+        if "pruning steps" in message:     # says how many steps and what to change
+            assert "at least 59 pruning steps" in err and "--max-steps 59" in err and "threshold_lr" in err
     assert not (tmp_path / "out").exists()   # nothing written
+
+
+def test_missed_target_exits_non_zero_unless_allowed(tiny_model_dir, tmp_path):
+    """Heads of a 4-head, 2-layer BERT: the density moves in steps of 1/8, so a target of 0.6 is
+    never met within 0.01 (0.5 and 0.625 are the nearest), whatever the budget (which passes)."""
+    config = small_config(tmp_path, base="head", target_density=0.6, threshold_init=2.0, threshold_lr=0.5)
+    common = ["--model", tiny_model_dir, "--deepspeed_config", config, "--max-train-samples", 128,
+              "--max-eval-samples", 32, "--max-steps", 16, "--no-distill", "--student-init", "model",
+              "--eval-interval", 0]
+    flags = {"strict": [], "allowed": ["--allow-missed-target"]}
+    runs = {name: subprocess.Popen([sys.executable, "-m", "leap_ds.train", *map(str, common), "--output-dir",
+                                    str(tmp_path / name), *flag], cwd=ROOT, text=True, env={
+                                       **dist_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for name, flag in flags.items()}       # the two cores run both at once
+    for name, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == {"strict": 3, "allowed": 0}[name], err[-3000:]
+        metrics = json.load(open(tmp_path / name / "metrics.json"))      # outputs kept
+        assert (tmp_path / name / "model" / "config.json").exists()
+        assert metrics["target_reached"] is False and metrics["steps"] == 16
+        assert abs(metrics["achieved_density"] - 0.6) > DENSITY_BAND
+        said = err if name == "strict" else out
+        assert f"final density {metrics['achieved_density']:.4f} misses the target 0.6" in said
+        assert ("leap-ds train: error:" in err and "--max-steps" in err) if name == "strict" else \
+            "--allow-missed-target: exit 0" in out

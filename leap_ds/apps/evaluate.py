@@ -2,14 +2,16 @@
 
 Every rank runs the same number of batches (ZeRO-3 gathers parameters
 collectively), padded rows are not counted, and one all-reduce sums the counts.
+Inputs and the counts' reduction go through leap_ds.apps.device, on ``device``.
 """
 import math
 
 import torch
-import torch.distributed as tdist
+
+from . import device as placement
 
 
-def _counts(predict, dataset, batch_size, rank, world, num_labels):
+def _counts(predict, dataset, batch_size, rank, world, num_labels, device):
     share = math.ceil(len(dataset) / world)
     lo, hi = rank * share, min(len(dataset), (rank + 1) * share)
     counts = torch.zeros(2 + 3 * (num_labels == 2), dtype=torch.float64)
@@ -19,7 +21,7 @@ def _counts(predict, dataset, batch_size, rank, world, num_labels):
         batch = dataset[idx]
         labels = batch.pop("labels")
         with torch.no_grad():
-            pred = predict(batch).argmax(-1).cpu()
+            pred = predict(placement.to_device(batch, device)).argmax(-1).cpu()
         labels, pred = labels[valid], pred[valid]
         counts[0] += (pred == labels).sum()
         counts[1] += len(labels)
@@ -30,8 +32,11 @@ def _counts(predict, dataset, batch_size, rank, world, num_labels):
     return counts
 
 
-def evaluate(predict, dataset, batch_size, num_labels, rank=0, world=1, module=None) -> dict:
+def evaluate(predict, dataset, batch_size, num_labels, rank=0, world=1, module=None, device="cpu") -> dict:
     """``predict(batch dict) -> logits``. Returns accuracy (and f1) on every rank.
+
+    ``device``: where ``predict`` takes its inputs (the engine's device); with ``world`` > 1
+    the counts are all-reduced there.
 
     ``module`` (the engine or model behind ``predict``) is put in eval mode
     (no dropout) for the evaluation and back in its previous mode after.
@@ -40,12 +45,12 @@ def evaluate(predict, dataset, batch_size, num_labels, rank=0, world=1, module=N
     if module is not None:
         module.eval()
     try:
-        counts = _counts(predict, dataset, batch_size, rank, world, num_labels)
+        counts = _counts(predict, dataset, batch_size, rank, world, num_labels, device)
     finally:
         if was_training:
             module.train()
     if world > 1:
-        tdist.all_reduce(counts)
+        counts = placement.all_reduce_(counts, device).cpu()
     result = {"accuracy": float(counts[0] / counts[1]), "examples": int(counts[1])}
     if num_labels == 2:
         tp, fp, fn = counts[2:].tolist()

