@@ -200,12 +200,11 @@ def mask_time(engine, repeats: int = 3) -> float:
         with torch.no_grad():
             for g in pruner.groups:
                 if g.fused:
-                    g.module(weight=_logical_weight(g.members[0]))   # mask and masked weight in one
-                elif len(g.members) == 1:
-                    scores = None if g.learned else g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0]))
-                    g.module(scores)
-                else:
-                    g.module(g.magnitude_scores)
+                    g.module(weight=_logical_weight(g.members[0]), record=False)   # mask and masked weight in one
+                elif g.module.needs_weight_scores:
+                    g.module(g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0])), record=False)
+                else:   # learned scores, or unit norms the pruner keeps for multi-matrix units
+                    g.module(record=False, set_index=g.plan.set_index)
         best = min(best, time.perf_counter() - t0)
     return best
 

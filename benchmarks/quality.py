@@ -20,9 +20,9 @@ Methods (prunable: encoder Q, K, V, attention output, FFN in, FFN out):
                       (init 0, straight-through), per-matrix top-k with the keep ratio following
                       the same cubic schedule to the target
   leap_unstructured   LEAP, one threshold per matrix, magnitude scores
-  leap_structured     LEAP, heads for attention (Q, K, V + output columns), rows for FFN in,
-                      columns for FFN out (FFN neurons)
-  leap_hybrid         LEAP, unstructured for attention, rows for FFN in / columns for FFN out
+  leap_structured     LEAP, heads for attention (Q, K, V + output columns), FFN channels (a row
+                      of FFN in and the matching column of FFN out, pruned together)
+  leap_hybrid         LEAP, unstructured for attention, FFN channels
 
 LEAP uses ONE set of hyperparameters for every target and granularity: the
 shared_parameters of ds_configs/default.json (only target_density changes).
@@ -70,6 +70,9 @@ LABELS = {
 }
 PRUNABLE = re.compile(r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
                       r"|intermediate\.dense|output\.dense)$")
+# one FFN channel: its row of intermediate.dense and its column of output.dense, pruned together
+FFN_CHANNELS = {"params": {"granularity": "channel"}, "modules": [r"encoder\.layer\.\d+\.output\.dense"],
+                "related_modules": [r"encoder\.layer\.\d+\.intermediate\.dense"]}
 ATTN_ALL = r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$"
 LEAP_GROUPS = {
     "leap_unstructured": {
@@ -81,13 +84,11 @@ LEAP_GROUPS = {
                       "modules": [r"encoder\.layer\.\d+\.attention\.output\.dense"],
                       "related_modules": [r"attention\.self\.query", r"attention\.self\.key",
                                           r"attention\.self\.value"]},
-        "ffn_in": {"params": {"granularity": "row"}, "modules": [r"encoder\.layer\.\d+\.intermediate\.dense"]},
-        "ffn_out": {"params": {"granularity": "column"}, "modules": [r"encoder\.layer\.\d+\.output\.dense"]},
+        "ffn": FFN_CHANNELS,
     },
     "leap_hybrid": {
         "attention": {"params": {"granularity": "unstructured"}, "modules": [ATTN_ALL]},
-        "ffn_in": {"params": {"granularity": "row"}, "modules": [r"encoder\.layer\.\d+\.intermediate\.dense"]},
-        "ffn_out": {"params": {"granularity": "column"}, "modules": [r"encoder\.layer\.\d+\.output\.dense"]},
+        "ffn": FFN_CHANNELS,
     },
 }
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -76,7 +76,8 @@ def main():
                     for name, g in {**tm.ATTN_HEADS, **tm.FFN_CHANNELS}.items()},
         "unstructured": {"all": {"params": {"granularity": "unstructured"},
                                  "modules": [r"encoder\.layer\.\d+\..*dense|query|key|value"]}},
-        "learned": {"all": {"params": {"granularity": "row", "score": "learned"},
+        # rows of every dense layer (some feed each other: allowed here, the test is about partitions)
+        "learned": {"all": {"params": {"granularity": "row", "score": "learned", "allow_dead_weights": True},
                             "modules": [r"encoder\.layer\.\d+\..*dense"]}},
     }[args.groups]
     if args.model != "bert":
