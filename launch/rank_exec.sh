@@ -119,7 +119,7 @@ if [ "$status" -ne 0 ]; then
     fi
     if [ "$status" = "$(stopped_status)" ]; then
         echo "[leap-launch] rank $rank (local rank $lrank on $host, pid $child) checkpointed and stopped" \
-             "on request (${first_signal:+SIG$first_signal to this rank}${first_signal:-a signal to another rank}): $what" >&2
+             "on a stop request${first_signal:+ (SIG$first_signal)}: $what" >&2
     elif [ -n "$stopped_by" ] && [ "$stopped_by" != USR1 ] && [ "$stopped_by" != USR2 ]; then
         echo "[leap-launch] rank $rank (local rank $lrank on $host, pid $child) stopped after SIG$stopped_by from the launcher: $what" >&2
     else

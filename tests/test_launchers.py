@@ -489,7 +489,10 @@ def test_stop_on_signal_in_one_process():
     a late signal raised again, and the status the shell scripts read."""
     from leap_ds.apps import preemption
     caught = []
-    previous = signal.signal(signal.SIGUSR1, lambda *a: caught.append("USR1"))
+
+    def handler(*_):
+        caught.append("USR1")
+    previous = signal.signal(signal.SIGUSR1, handler)
     try:
         with preemption.StopOnSignal() as stop:
             assert not stop.requested()
@@ -500,9 +503,11 @@ def test_stop_on_signal_in_one_process():
                 stop.exit("step 7", checkpoint_saved=True, log=caught.append)
             assert e.value.code == preemption.EXIT_STATUS == 75
             assert caught == ["stop requested (SIGUSR1) at step 7: checkpoint saved; exiting with status 75"]
+            # Leaving: a launcher's SIGTERM to the other ranks must not kill a clean stop.
+            assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
         # Left normally with a request nobody acted on: the previous handler gets the signal.
+        assert signal.getsignal(signal.SIGUSR1) is handler and caught[-1] == "USR1"
         caught.clear()
-        assert signal.getsignal(signal.SIGUSR1) is not stop._record
         with preemption.StopOnSignal() as stop:
             os.kill(os.getpid(), signal.SIGUSR1)
         assert caught == ["USR1"]

@@ -36,6 +36,7 @@ class StopOnSignal:
         self.signals = tuple(signals)
         self.received = None  # the first signal that arrived (signal.Signals), or None
         self._previous = {}
+        self._leaving = False
 
     def _record(self, signum, frame):
         if self.received is None:
@@ -47,6 +48,8 @@ class StopOnSignal:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, SystemExit) and exc.code == EXIT_STATUS and self._leaving:
+            return False  # keep ignoring the stop signals until the process is gone (see exit)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -75,6 +78,12 @@ class StopOnSignal:
         why = self.received.name if self.received is not None else "another rank's signal"
         what = "checkpoint saved" if checkpoint_saved else "no checkpoint for this phase (it starts again)"
         log(f"stop requested ({why}) at {where}: {what}; exiting with status {EXIT_STATUS}")
+        # A launcher that sees the first rank leave with a non-zero status sends the others
+        # SIGTERM (srun --kill-on-bad-exit, the deepspeed launcher): once the checkpoint is
+        # saved that must not turn a clean stop into a kill. SIGKILL still ends a stuck rank.
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        self._leaving = True
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank leaves while another still writes
