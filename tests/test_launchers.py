@@ -7,15 +7,19 @@ Debian slurm packages). Total: a few minutes on 2 CPU cores with a warm extensio
 (TORCH_EXTENSIONS_DIR, default /tmp/leap_ds_torch_ext); the first run on a machine also
 compiles DeepSpeed's small C++ op once (~2 min).
 
-  0. -h / bad flags / --dry-run commands of every script; rank_exec.sh on its own
+  0. -h / bad flags / --dry-run commands of every script; rank_exec.sh on its own (and its
+     GPU LOCAL_RANK rule); leap_ds/apps/preemption.py in one process; leap.sbatch's
+     LEAP_DRY_RUN settings (srun --cpus-per-task, MASTER_PORT outside the ephemeral
+     ports, LEAP_IFNAME)
   1. local.sh / mpirun.sh: 2 ranks == 1 process (final loss, density, thresholds, 1e-4 rel.)
   2. multinode.sh --no-ssh: one rank in each of two network namespaces, rendezvous over
      the veth addresses 10.231.0.1/10.231.0.2, == 1 process
   3. leap.sbatch on a local Slurm cluster: the tiny job (1 node x 2 tasks, CPU) == 1
-     process with one log per rank; then a long job is requeued twice (`scontrol
-     requeue`, then SIGUSR1 to the batch script, which requeues itself) and each attempt
-     resumes from the newest checkpoint, not step 0; SIGTERM to a running job requeues
-     it, a plain `scancel` cancels it for good
+     process with one log per rank; then a long job that never reaches its checkpoint
+     interval is stopped three times (SIGUSR1 to one rank, SIGUSR1 to the batch script,
+     `scontrol requeue`): each time every rank checkpoints at the current step before the
+     requeue and the next attempt resumes there (every step trained exactly once);
+     SIGTERM to a running job requeues it, a plain `scancel` cancels it for good
   4. SIGKILL one rank mid-run under local.sh, mpirun.sh, multinode.sh (two namespaces)
      and Slurm: every rank and the launcher exit within KILL_DEADLINE_S, non-zero, and
      the output names the killed rank
