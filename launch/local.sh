@@ -18,8 +18,11 @@
 #
 # CPU (no GPU, or --device cpu): `deepspeed --num_gpus N` starts N CPU processes that
 # talk over gloo; OMP_NUM_THREADS defaults to 1 so ranks do not fight over cores.
-# GPU: `deepspeed --num_gpus N`, NCCL; when CUDA_VISIBLE_DEVICES is set, its first N GPUs
-# (deepspeed then takes the GPUs from that variable).
+# GPU (nvidia-smi lists a GPU, or --device gpu): one rank per GPU, N at most the number of
+# GPUs. `deepspeed --num_gpus N` (or, when CUDA_VISIBLE_DEVICES is set, its first N GPUs)
+# starts rank i with LOCAL_RANK=i; the program (leap_ds.train: deepspeed.init_distributed
+# with DeepSpeed's backend for CUDA) talks over NCCL and DeepSpeed puts rank i on device
+# cuda:LOCAL_RANK, i.e. the i-th GPU of CUDA_VISIBLE_DEVICES.
 # TORCH_EXTENSIONS_DIR defaults to ~/.cache/leap_ds/torch_extensions so DeepSpeed's C++
 # ops are compiled once and reused. PYTHON selects the interpreter.
 # Each rank runs through launch/rank_exec.sh, which names the rank that failed; when any

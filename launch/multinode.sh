@@ -34,6 +34,11 @@
 #       --dry-run           print the launcher command and exit
 #   -h, --help              this text
 #
+# GPU nodes (nvidia-smi lists a GPU, or --device gpu): one rank per GPU; -n (or the
+# hostfile's slots) must not exceed a node's GPUs. Rank j on a node gets LOCAL_RANK=j;
+# the program (leap_ds.train) talks over NCCL (DeepSpeed's backend for CUDA) and DeepSpeed
+# puts it on device cuda:LOCAL_RANK. --ifname applies to NCCL as to gloo. CPU nodes: gloo,
+# OMP_NUM_THREADS=1 unless set.
 # (a) needs passwordless ssh from this node to every host, pdsh installed, and the
 # repository and its Python environment at the same path on every host (shared file
 # system). The remote ranks get LEAP_*, OMP_NUM_THREADS, TORCH_EXTENSIONS_DIR, GLOO_*,

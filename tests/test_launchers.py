@@ -7,19 +7,24 @@ Debian slurm packages). Total: a few minutes on 2 CPU cores with a warm extensio
 (TORCH_EXTENSIONS_DIR, default /tmp/leap_ds_torch_ext); the first run on a machine also
 compiles DeepSpeed's small C++ op once (~2 min).
 
-  0. -h / bad flags / --dry-run commands of every script; rank_exec.sh on its own
+  0. -h / bad flags / --dry-run commands of every script; rank_exec.sh on its own (and its
+     GPU LOCAL_RANK rule); leap_ds/apps/preemption.py in one process; leap.sbatch's
+     LEAP_DRY_RUN settings (srun --cpus-per-task, MASTER_PORT outside the ephemeral
+     ports, LEAP_IFNAME)
   1. local.sh / mpirun.sh: 2 ranks == 1 process (final loss, density, thresholds, 1e-4 rel.)
   2. multinode.sh --no-ssh: one rank in each of two network namespaces, rendezvous over
      the veth addresses 10.231.0.1/10.231.0.2, == 1 process
   3. leap.sbatch on a local Slurm cluster: the tiny job (1 node x 2 tasks, CPU) == 1
-     process with one log per rank; then a long job is requeued twice (`scontrol
-     requeue`, then SIGUSR1 to the batch script, which requeues itself) and each attempt
-     resumes from the newest checkpoint, not step 0; SIGTERM to a running job requeues
-     it, a plain `scancel` cancels it for good
+     process with one log per rank; then a long job that never reaches its checkpoint
+     interval is stopped three times (SIGUSR1 to one rank, SIGUSR1 to the batch script,
+     `scontrol requeue`): each time every rank checkpoints at the current step before the
+     requeue and the next attempt resumes there (every step trained exactly once);
+     SIGTERM to a running job requeues it, a plain `scancel` cancels it for good
   4. SIGKILL one rank mid-run under local.sh, mpirun.sh, multinode.sh (two namespaces)
      and Slurm: every rank and the launcher exit within KILL_DEADLINE_S, non-zero, and
      the output names the killed rank
 """
+import datetime
 import json
 import os
 import re
@@ -71,6 +76,8 @@ class TrainCLI:
 
     save: flags that make the program checkpoint every few steps into
     <output-dir>/checkpoints (DeepSpeed's `latest` file names the newest tag, "step<N>").
+    save_never: flags for a checkpoint interval no run reaches, so that a checkpoint can
+    only come from a stop request (leap_ds/apps/preemption.py).
     slow: flags that stretch a run so that it can be killed or requeued mid-run (the main
     job needs none: its steps take long enough).
     steps: optimizer steps of the compared runs; long_steps: of the requeued run.
@@ -84,13 +91,15 @@ class TrainCLI:
     resume_args = "--resume auto"
     resume_log = re.compile(r"resumed from \S+ at step (\d+)")  # printed by a resumed rank 0
 
-    def __init__(self, program, save=(), slow=(), steps=20, long_steps=60):
-        self.program, self.save, self.slow = list(program), list(save), list(slow)
-        self.steps, self.long_steps = steps, long_steps
+    def __init__(self, program, save=(), save_never=(), slow=(), steps=20, long_steps=60):
+        self.program, self.save, self.save_never = list(program), list(save), list(save_never)
+        self.slow, self.steps, self.long_steps = list(slow), steps, long_steps
 
     def argv(self, out, steps, save=False, slow=False):
+        """save: True (every few steps), False (the program's default) or "never"."""
+        saving = self.save_never if save == "never" else self.save if save else []
         return (self.program + ["--output-dir", str(out), "--max-steps", str(steps)]
-                + (self.save if save else []) + (self.slow if slow else []))
+                + saving + (self.slow if slow else []))
 
     def metrics(self, out):
         return json.loads((Path(out) / "metrics.json").read_text())
@@ -114,15 +123,26 @@ class TrainCLI:
             return None
         return int(m.group(1)) if m else None
 
+    def steps_done(self, out, rank_logs=()):
+        """Every optimizer step rank 0 finished, in order, over all attempts: the lines of
+        progress.rank0 (resumable_tiny.py), else the "LEAP step N/M" lines of its logs."""
+        progress = Path(out) / "progress.rank0"
+        if progress.exists():
+            return [int(x) for x in progress.read_text().split()]
+        return [int(m) for f in rank_logs if Path(f).exists()
+                for m in re.findall(r"LEAP step (\d+)/\d+ ", Path(f).read_text())]
+
 
 TINY = TinyWorker(["tests/workers/train_tiny.py"])
 TINY_RESUMABLE = TrainCLI([str(HELPERS.relative_to(REPO) / "resumable_tiny.py")],
-                          save=["--save-steps", "3"], slow=["--step-sleep", "0.3"])
+                          save=["--save-steps", "3"], save_never=["--save-steps", "1000000"],
+                          slow=["--step-sleep", "0.3"])
 # The main job on the embedded MiniLM and data, kept small (~1.7 s a step on one core).
 MAIN_JOB = TrainCLI(["-m", "leap_ds.train", "--no-distill", "--max-train-samples", "64",
                      "--max-eval-samples", "32", "--max-seq-length", "32", "--eval-interval", "0",
-                     "--log-interval", "1"],
-                    save=["--checkpoint-interval", "2"], steps=6, long_steps=16)
+                     "--log-interval", "1", "--allow-missed-target"],   # 6-16 steps: launchers, not pruning
+                    save=["--checkpoint-interval", "2"], save_never=["--checkpoint-interval", "1000000"],
+                    steps=6, long_steps=16)
 # The comparisons run the real main job; the kill and requeue tests, which need long,
 # slow runs, use its CLI mirror on a tiny model to keep the suite short.
 PROGRAM, RESUMABLE = MAIN_JOB, TINY_RESUMABLE
@@ -451,6 +471,101 @@ def test_rank_exec_names_failed_rank(tmp_path):
     assert named(p.stdout, 5), p.stdout
 
 
+def test_rank_exec_gpu_device_is_local_rank(tmp_path):
+    """GPU: DeepSpeed uses device LOCAL_RANK among CUDA_VISIBLE_DEVICES. A task shown one GPU
+    (srun --gpus-per-task=1) gets LOCAL_RANK=0; one shown all the node's GPUs keeps its own."""
+    script = tmp_path / "prog.py"
+    script.write_text("import os\nprint('LOCAL_RANK', os.environ['LOCAL_RANK'], os.environ.get('LEAP_NODE_LOCAL_RANK'))\n")
+
+    def local_rank(**env):
+        p = run([LAUNCH / "rank_exec.sh", sys.executable, script], timeout=60, check=False,
+                env=launch_env(LEAP_RANK_ENV="slurm", SLURM_PROCID=3, SLURM_NTASKS=4, **env))
+        return p.returncode, p.stdout
+    assert local_rank(LEAP_DEVICE="gpu", SLURM_LOCALID=1, CUDA_VISIBLE_DEVICES="5") == (0, "LOCAL_RANK 0 1\n")
+    assert local_rank(LEAP_DEVICE="gpu", SLURM_LOCALID=1, CUDA_VISIBLE_DEVICES="0,1") == (0, "LOCAL_RANK 1 None\n")
+    rc, text = local_rank(LEAP_DEVICE="gpu", SLURM_LOCALID=2, CUDA_VISIBLE_DEVICES="0,1")
+    assert rc == 2 and "local rank 2 but this task sees only 2 GPUs" in text and "--gpus-per-task=1" in text
+    assert local_rank(LEAP_DEVICE="cpu", SLURM_LOCALID=1, CUDA_VISIBLE_DEVICES="") == (0, "LOCAL_RANK 1 None\n")
+
+
+def test_stop_on_signal_in_one_process():
+    """leap_ds/apps/preemption.py without a process group: the flag, the restored handlers,
+    a late signal raised again, and the status the shell scripts read."""
+    from leap_ds.apps import preemption
+    caught = []
+
+    def handler(*_):
+        caught.append("USR1")
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with preemption.StopOnSignal() as stop:
+            assert not stop.requested()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.requested() and stop.received == signal.SIGUSR1
+            assert caught == []  # recorded, not delivered to the previous handler
+            with pytest.raises(SystemExit) as e:
+                stop.exit("step 7", checkpoint_saved=True, log=caught.append)
+            assert e.value.code == preemption.EXIT_STATUS == 75
+            assert caught == ["stop requested (SIGUSR1) at step 7: checkpoint saved; exiting with status 75"]
+            # Leaving: a launcher's SIGTERM to the other ranks must not kill a clean stop.
+            assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        # Left normally with a request nobody acted on: the previous handler gets the signal.
+        assert signal.getsignal(signal.SIGUSR1) is handler and caught[-1] == "USR1"
+        caught.clear()
+        with preemption.StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert caught == ["USR1"]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    p = run([sys.executable, REPO / "leap_ds" / "apps" / "preemption.py", "--exit-status"], timeout=60)
+    assert p.stdout.strip() == str(preemption.EXIT_STATUS)
+
+
+def ephemeral_ports():
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except OSError:
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
+def test_sbatch_dry_run_settings(slurm, tmp_path):
+    """leap.sbatch with LEAP_DRY_RUN=1 in a job's environment: srun gets --cpus-per-task,
+    MASTER_PORT stays out of the ephemeral range, LEAP_IFNAME reaches NCCL and gloo."""
+    lo, hi = ephemeral_ports()
+
+    def dry(jobid, **env):
+        e = dict(slurm.env, SLURM_JOB_ID=jobid, SLURM_JOB_NODELIST="localhost", SLURM_NTASKS=2,
+                 SLURM_CPUS_PER_TASK=3, LEAP_WORKDIR=REPO, LEAP_DRY_RUN=1, LEAP_DEVICE="auto",
+                 LEAP_LOG_DIR=tmp_path / "logs")
+        e.update(env)
+        p = subprocess.run([str(LAUNCH / "slurm" / "leap.sbatch"), "-m", "leap_ds.train", "--max-steps", "1"],
+                           cwd=REPO, env={k: str(v) for k, v in e.items()}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        settings = dict(re.findall(r"(\w+)=(\S*)", p.stdout.split("\n")[0]))
+        return p.returncode, settings, p.stdout
+    old_formula_hits = 0
+    for jobid in (1, 7, 12999, 15000, 40321):
+        rc, settings, text = dry(jobid)
+        assert rc == 0, text
+        port = int(settings["MASTER_PORT"])
+        assert 1024 <= port and not lo <= port <= hi, (jobid, port, (lo, hi))
+        old_formula_hits += lo <= 20000 + jobid % 20000 <= hi
+        assert settings["LEAP_DEVICE"] == "cpu" and settings["OMP_NUM_THREADS"] == "3"
+        srun = text.split("\n")[1]
+        assert srun.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=3 "), srun
+        assert srun.rstrip().endswith("-u -m leap_ds.train --max-steps 1 --resume auto"), srun
+        assert settings["NCCL_SOCKET_IFNAME"] == settings["GLOO_SOCKET_IFNAME"] == ""
+    assert old_formula_hits > 0  # the ids above do hit the range with 20000 + id % 20000
+    assert not (tmp_path / "logs").exists()  # a dry run writes nothing
+    rc, settings, text = dry(15000, MASTER_PORT=23456, LEAP_IFNAME="lo", SLURM_CPUS_PER_TASK="")
+    assert rc == 0 and settings["MASTER_PORT"] == "23456", text
+    assert settings["NCCL_SOCKET_IFNAME"] == settings["GLOO_SOCKET_IFNAME"] == "lo"
+    assert " --cpus-per-task=1 " in text.split("\n")[1]
+    rc, _, text = dry(15000, LEAP_IFNAME="nosuchif0")
+    assert rc == 2 and "LEAP_IFNAME=nosuchif0: no such network interface" in text, text
+
+
 # --------------------------------------------------------------------------------------
 # 1. one machine
 # --------------------------------------------------------------------------------------
@@ -534,47 +649,77 @@ def test_slurm_tiny_job(baseline, slurm, tmp_path):
     assert_same(PROGRAM.result(tmp_path), baseline, "slurm")
 
 
-def test_slurm_requeue_resumes_from_checkpoint(slurm, tmp_path):
-    """Requeue a running job twice: with `scontrol requeue` from outside, then by SIGUSR1
-    to the batch script (what --signal=B:USR1@120 sends before the time limit), which
-    requeues itself. Each new attempt must start from the newest checkpoint."""
+def test_slurm_stop_checkpoints_current_step_then_requeues(slurm, tmp_path):
+    """A stop request makes every rank checkpoint at its CURRENT step before the job is
+    requeued, and the next attempt resumes exactly there: no step is lost or trained twice.
+
+    The program's checkpoint interval is never reached, so only the stop protocol
+    (leap_ds/apps/preemption.py) can explain a checkpoint. Three requeues, three ways:
+      * SIGUSR1 to rank 1 only: the ranks agree on the step through their all-reduce, both
+        save it and exit with status 75, and the batch script requeues the job;
+      * SIGUSR1 to the batch script (what --signal=B:USR1@120 sends before the time limit):
+        it forwards SIGUSR1 to the ranks and requeues only once they have exited;
+      * `scontrol requeue` from outside: Slurm sends SIGTERM to the ranks, which save too.
+    """
     t0 = time.time()
     out, logs = tmp_path / "run", tmp_path / "logs"
-    jobid = slurm.sbatch(tmp_path / "batch.out", RESUMABLE.argv(out, RESUMABLE.long_steps, save=True, slow=True),
+    jobid = slurm.sbatch(tmp_path / "batch.out", RESUMABLE.argv(out, RESUMABLE.long_steps, save="never", slow=True),
                          LEAP_LOG_DIR=logs)
+    rank0_logs = [logs / f"attempt-{a}" / "rank-0.log" for a in range(4)]
+    hows = ["SIGUSR1 to rank 1", "SIGUSR1 to the batch script", "scontrol requeue"]
     resumed = []
-    for attempt, how in enumerate(["scontrol requeue", "SIGUSR1 to the batch script"]):
-        seen = resumed[-1] if resumed else 0
-        # Wait until this attempt has written a checkpoint newer than the one it started from.
-        wait_for(lambda: (RESUMABLE.latest_step(out) or 0) > seen, RUN_TIMEOUT_S,
-                 f"a checkpoint after step {seen} (attempt {attempt})")
+    for attempt, (how, ahead) in enumerate(zip(hows, [2, 4, 3])):
+        start = resumed[-1] if resumed else 0
+        # Signal only inside the training loop, a few steps past where this attempt started.
+        wait_for(lambda: len(RESUMABLE.steps_done(out, rank0_logs)) >= start + ahead, RUN_TIMEOUT_S,
+                 f"step {start + ahead} (attempt {attempt})")
         job = slurm.job(jobid)
         assert job["JobState"] == "RUNNING", job
-        if how == "scontrol requeue":
-            slurm.cmd("scontrol", "requeue", jobid)
-        else:
+        if how == "SIGUSR1 to rank 1":
+            os.kill(next(iter(wait_for(lambda: rank_pids(str(out), 1), 60, "rank 1"))), signal.SIGUSR1)
+        elif how == "SIGUSR1 to the batch script":
             slurm.cmd("scancel", "--batch", "--signal=USR1", jobid)
+        else:
+            slurm.cmd("scontrol", "requeue", jobid)
         job = slurm.wait_state(jobid, {"PENDING"}, 120)
         assert int(job["Restarts"]) == attempt + 1, job
-        # The ranks are gone now: the checkpoint they left is where the next attempt starts.
-        resumed.append(RESUMABLE.latest_step(out))
+        done = RESUMABLE.steps_done(out, rank0_logs)
+        saved = RESUMABLE.latest_step(out)
+        # The checkpoint is at the last step trained, and only the stop request made it.
+        assert saved == done[-1] and saved >= start + ahead, f"{how}: checkpoint {saved}, steps {done[-3:]}"
+        resumed.append(saved)
         slurm.start_now(jobid)
     job = slurm.wait_state(jobid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
                            RUN_TIMEOUT_S)
     batch = (tmp_path / "batch.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", f"{job}\n{batch}"
-    print(f"sbatch with 2 requeues: {time.time() - t0:.1f} s; resumed from steps {resumed}")
-    assert "SIGUSR1" in batch and "scontrol requeue" in batch, batch
+    print(f"sbatch with {len(hows)} requeues: {time.time() - t0:.1f} s; checkpoints at steps {resumed}")
 
-    assert resumed[0] > 0 and resumed[1] > resumed[0]
-    for attempt in (1, 2):  # what each resumed rank 0 said
-        text = (logs / f"attempt-{attempt}" / "rank-0.log").read_text()
+    # Every step trained exactly once over the four attempts.
+    assert RESUMABLE.steps_done(out, rank0_logs) == list(range(1, RESUMABLE.long_steps + 1))
+    assert RESUMABLE.final_step(out) == RESUMABLE.long_steps
+    for attempt in (1, 2, 3):  # what each resumed rank 0 said
+        text = rank0_logs[attempt].read_text()
         m = RESUMABLE.resume_log.search(text)
         assert m and int(m.group(1)) == resumed[attempt - 1], f"attempt {attempt}:\n{text[-3000:]}"
-    for attempt in range(3):
+    for attempt in range(4):
         assert sorted(f.name for f in (logs / f"attempt-{attempt}").glob("rank-*.log")) == \
             ["rank-0.log", "rank-1.log"]
-    assert RESUMABLE.final_step(out) == RESUMABLE.long_steps
+    # Attempt 0: the signalled rank and the other one stopped on request, with status 75.
+    text = (logs / "attempt-0" / "rank-0.log").read_text() + (logs / "attempt-0" / "rank-1.log").read_text()
+    assert "stop requested (SIGUSR1)" in text and "stop requested (another rank's signal)" in text, text[-3000:]
+    assert "checkpointed and stopped (status 75" in batch or "stopped on a signal of their own" in batch, batch
+    # Attempt 1: the batch script forwarded the signal and requeued after the ranks exited,
+    # and the checkpoint was written before that.
+    m = re.search(r"SIGUSR1 \(job state RUNNING\) at \S+: asking the ranks to checkpoint.*?\n"
+                  r"(?:.*\n)*?\[leap.sbatch\] the ranks checkpointed at their current step and exited \(status 75\)\n"
+                  r"\[leap.sbatch\] attempt 1 ends at (\S+): scontrol requeue", batch)
+    assert m, batch
+    requeue_time = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+    ckpt = out / "checkpoints" / f"step{resumed[1]}"
+    assert max(f.stat().st_mtime for f in ckpt.rglob("*")) <= requeue_time + 1, "checkpoint written after the requeue"
+    # Attempt 2: the ranks saved on Slurm's SIGTERM.
+    assert "stop requested (SIGTERM)" in (logs / "attempt-2" / "rank-0.log").read_text()
 
 
 def test_slurm_term_requeues_but_scancel_cancels(slurm, tmp_path):

@@ -251,7 +251,18 @@ def batch_to(batch, keys):
 
 
 def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, history, evals, state_hook=None):
-    """The usual DeepSpeed loop; LEAP needs nothing more than engine(...)/backward/step."""
+    """The usual DeepSpeed loop; LEAP needs nothing more than engine(...)/backward/step.
+
+    SIGUSR1/SIGTERM during the loop (leap.sbatch before a time limit or on preemption):
+    every rank checkpoints at the current step and exits with preemption.EXIT_STATUS.
+    """
+    from .preemption import StopOnSignal
+    with StopOnSignal() as stop:
+        _train_loop(run, engine, train, val, steps=steps, desc=desc, loss_fn=loss_fn, eval_fn=eval_fn,
+                    history=history, evals=evals, state_hook=state_hook, stop=stop)
+
+
+def _train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, history, evals, state_hook, stop):
     from . import device as placement
     from .batching import GlobalBatchSampler
     args = run.args
@@ -290,8 +301,14 @@ def train_loop(run, engine, train, val, *, steps, desc, loss_fn, eval_fn, histor
             if eval_fn and args.eval_interval and step % args.eval_interval == 0 and step < steps:
                 evals.append({"step": step, **eval_fn()})
                 run.log(f"{desc} step {step}: validation {evals[-1]}")
-            if state_hook and args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < steps:
+            saved = state_hook and args.checkpoint_interval and step % args.checkpoint_interval == 0 and step < steps
+            if saved:
                 save_checkpoint(run, engine, history, evals)
+            if stop.requested(engine.device):
+                # Only the pruning loop (state_hook) resumes from checkpoints; the teacher starts again.
+                if state_hook and not saved:
+                    save_checkpoint(run, engine, history, evals)
+                stop.exit(f"{desc} step {step}", checkpoint_saved=bool(state_hook), log=run.log)
             if step >= steps:
                 break
     bar.close()

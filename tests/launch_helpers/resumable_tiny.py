@@ -5,6 +5,8 @@ Flags shared with leap_ds.train: --deepspeed_config, --output-dir, --overwrite, 
 K optimizer steps into <output-dir>/checkpoints, DeepSpeed tag "step<N>", plus at the end),
 --step-sleep S (sleep S seconds after every step so a run lasts long enough to be killed
 or requeued), --global-batch.
+SIGUSR1/SIGTERM during training: the protocol of leap_ds.train (leap_ds/apps/preemption.py):
+all ranks checkpoint at the current step (tag "step<N>") and exit with status preemption.EXIT_STATUS (75).
 
 Outputs, all under --output-dir:
   metrics.json        (rank 0, at the end) world, global_steps, resumed_from_step,
@@ -31,6 +33,7 @@ import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 
 import leap_ds  # noqa: E402
+from leap_ds.apps.preemption import StopOnSignal  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
 
 
@@ -96,21 +99,28 @@ def main():
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     losses, densities = [], []
     progress = open(os.path.join(out, f"progress.rank{rank}"), "a")
-    for step in range(start, args.max_steps):
-        ids, labels = data[step]
-        loss = engine(input_ids=ids[rows], labels=labels[rows]).loss
-        engine.backward(loss)
-        engine.step()
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        losses.append(loss.item() / world)
-        densities.append(leap_ds.report(engine)["global_density"])
-        progress.write(f"{engine.global_steps}\n")
-        progress.flush()
-        if args.save_steps and engine.global_steps % args.save_steps == 0:
-            engine.save_checkpoint(ckdir, tag=f"step{engine.global_steps}")
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
+    with StopOnSignal() as stop:  # the protocol of leap_ds.train's train_loop
+        for step in range(start, args.max_steps):
+            ids, labels = data[step]
+            loss = engine(input_ids=ids[rows], labels=labels[rows]).loss
+            engine.backward(loss)
+            engine.step()
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            losses.append(loss.item() / world)
+            densities.append(leap_ds.report(engine)["global_density"])
+            progress.write(f"{engine.global_steps}\n")
+            progress.flush()
+            saved = args.save_steps and engine.global_steps % args.save_steps == 0
+            if saved:
+                engine.save_checkpoint(ckdir, tag=f"step{engine.global_steps}")
+            if stop.requested(engine.device):
+                if not saved:
+                    engine.save_checkpoint(ckdir, tag=f"step{engine.global_steps}")
+                stop.exit(f"step {engine.global_steps}", checkpoint_saved=True,
+                          log=lambda msg: print(f"[resumable_tiny] rank {rank}: {msg}", flush=True))
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
     if args.save_steps and engine.global_steps % args.save_steps:
         engine.save_checkpoint(ckdir, tag=f"step{engine.global_steps}")
     rep = leap_ds.report(engine)
