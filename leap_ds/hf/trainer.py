@@ -15,7 +15,10 @@
   builds the optimizer from its config or the Trainer builds it; their lrs
   follow the schedule; LEAP advances on applied optimizer steps only.
 - The regulariser rides in the model's output loss (the Trainer's default
-  ``compute_loss``). A custom ``compute_loss`` that builds its own loss must
+  ``compute_loss``). The loss is each micro batch's mean, averaged over
+  accumulation steps and ranks as in the DeepSpeed engine loop (Trainer's
+  ``num_items_in_batch`` token weighting is off), so lambda means the same
+  under every launcher. A custom ``compute_loss`` that builds its own loss must
   add ``leap_ds.regularization_loss(model)``; LEAP raises if it is dropped.
 - Logs carry ``leap/density``, ``leap/lambda``, ``leap/reg_loss`` and each
   group's density; the progress bar shows the density.
@@ -60,6 +63,16 @@ def _leap_section_of(args, leap_config):
     return section
 
 
+def density_per_config_group(report: dict) -> dict:
+    """Each different_groups entry's density (its matrices' groups are named '<entry>:<module>')."""
+    kept, total = {}, {}
+    for g in report["groups"]:
+        name = g["name"].split(":")[0]
+        kept[name] = kept.get(name, 0) + g["kept_weights"]
+        total[name] = total.get(name, 0) + g["weights"]
+    return {name: kept[name] / total[name] for name in kept}
+
+
 class _LeapTrainBegin(TrainerCallback):
     """Runs after the engine exists and a checkpoint is loaded."""
 
@@ -101,6 +114,10 @@ class LeapTrainer(Trainer):
                                  "config)), or let the Trainer build it (optimizer_cls_and_kwargs=...)")
         self._leap_resume_dir = None
         super().__init__(*args, **kwargs)
+        # each micro batch's mean loss, averaged as the DeepSpeed engine loop does: Trainer's
+        # num_items_in_batch path multiplies the loss by the rank count and skips the division by
+        # the accumulation steps, which would scale the regulariser riding in it (lambda) by both
+        self.model_accepts_loss_kwargs = False
         LeapAccelerator.adopt(self.accelerator, self.leap)
         self.add_callback(_LeapTrainBegin(self))
 
@@ -141,8 +158,8 @@ class LeapTrainer(Trainer):
             logs["leap/density"] = rep["global_density"]
             logs["leap/lambda"] = rep["lambda"]
             logs["leap/reg_loss"] = rep["reg_loss"]
-            for g in rep["groups"]:
-                logs[f"leap/density/{g['name']}"] = g["density"]
+            for name, density in density_per_config_group(rep).items():
+                logs[f"leap/density/{name}"] = density
             for cb in self.callback_handler.callbacks:
                 bar = getattr(cb, "training_bar", None) if isinstance(cb, ProgressCallback) else None
                 if bar is not None:

@@ -102,7 +102,7 @@ def run_reference(a, world, rank):
     rep = leap_ds.report(engine)
     engine.destroy()
     return {"losses": losses, "densities": densities, "thresholds": [g["threshold"] for g in rep["groups"]],
-            "report": rep}
+            "report": rep, "leap_step": engine.leap.step}
 
 
 BAD_CONFIGS = {
