@@ -31,7 +31,7 @@ EXAMPLE_DEEPSPEED = {
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}},
     "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
     "compression_training": {"leap": {
-        "shared_parameters": {"target_density": 0.5, "threshold_init": 3.0, "threshold_lr": 0.1},
+        "shared_parameters": {"target_density": 0.5, "threshold_init": 1.5, "threshold_lr": 0.1},
         "different_groups": {"heads": {"params": {"granularity": "head"},
                                        "modules": [r"attention\.output\.dense"],
                                        "related_modules": ["self.query", "self.key", "self.value"]}}}},

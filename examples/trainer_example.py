@@ -1,8 +1,12 @@
 """LEAP in a Hugging Face Trainer script: a causal LM pruned to a target density.
 
-The only changes to a Trainer script: ``from leap_ds.hf import LeapTrainer``
-instead of ``Trainer``, and a ``compression_training.leap`` section in the
-DeepSpeed config given to ``--deepspeed`` (``"auto"`` values keep working).
+The only changes to a Trainer script: ``LeapTrainer`` and ``LeapTrainingArguments``
+from ``leap_ds.hf`` instead of ``Trainer`` and ``TrainingArguments``, and a
+``compression_training.leap`` section in the DeepSpeed config given to
+``--deepspeed`` (``"auto"`` values keep working). ``LeapTrainingArguments``
+takes the section out as the arguments are read, so a model loaded afterwards
+under ZeRO-3 (``from_pretrained`` partitions it) works; with plain
+``TrainingArguments`` the trainer takes it out, which is enough at ZeRO 0-2.
 ``trainer.save_model()`` after ``train()`` writes the pruned model (masks in the
 weights), loadable by plain transformers, and ``leap_report.json``.
 
@@ -21,9 +25,10 @@ import json
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from leap_ds.hf import LeapTrainer          # was: from transformers import Trainer
+# was: from transformers import Trainer, TrainingArguments
+from leap_ds.hf import LeapTrainer, LeapTrainingArguments as TrainingArguments
 
 EXAMPLE_LEAP = {"leap": {
     "shared_parameters": {"target_density": 0.5, "threshold_init": 3.0, "threshold_lr": 0.1},

@@ -147,4 +147,4 @@ def test_accelerate_example_prunes_and_exports(tmp_path):
     report, zeros = check_plain_export(BertForSequenceClassification, tmp_path / "model")
     assert zeros >= report["prunable_weights"] - report["kept_weights"] > 0
     saved = torch.load(tmp_path / "state" / "custom_checkpoint_0.pkl", weights_only=False)
-    assert saved["step"] == 4
+    assert saved["step"] == report["step"] // 2 > 0   # saved after half the steps

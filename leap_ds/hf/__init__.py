@@ -6,7 +6,7 @@
 """
 from .accelerator import LeapAccelerator, take_leap_section
 from .export import LEAP_REPORT_NAME, plain_state_dict
-from .trainer import LEAP_STATE_NAME, LeapTrainer
+from .trainer import LEAP_STATE_NAME, LeapTrainer, LeapTrainingArguments
 
-__all__ = ["LeapTrainer", "LeapAccelerator", "take_leap_section", "plain_state_dict",
+__all__ = ["LeapTrainer", "LeapTrainingArguments", "LeapAccelerator", "take_leap_section", "plain_state_dict",
            "LEAP_STATE_NAME", "LEAP_REPORT_NAME"]

@@ -34,7 +34,8 @@ def take_leap_section(holder) -> LeapSection | None:
     if hasattr(holder, _KEPT):
         return getattr(holder, _KEPT)
     configs = [c for c in (getattr(holder, "config", None), getattr(holder, "deepspeed_config", None),
-                           getattr(getattr(holder, "hf_ds_config", None), "config", None))
+                           getattr(getattr(holder, "hf_ds_config", None), "config", None),
+                           getattr(getattr(holder, "dschf", None), "config", None), _zero_init_config())
                if isinstance(c, dict)]
     section = None
     for config in configs:
@@ -44,6 +45,13 @@ def take_leap_section(holder) -> LeapSection | None:
         config.pop(SECTION, None)
     setattr(holder, _KEPT, section)
     return section
+
+
+def _zero_init_config() -> dict | None:
+    """The config transformers' from_pretrained hands to zero.Init (a weak reference to the latest
+    HfDeepSpeedConfig): DeepSpeed rejects it while it holds compression_training."""
+    from transformers.integrations.deepspeed import deepspeed_config
+    return deepspeed_config()
 
 
 def _plugin_section(accelerator) -> LeapSection | None:

@@ -33,7 +33,9 @@ import inspect
 import json
 import os
 
-from transformers import Trainer, TrainerCallback
+from dataclasses import dataclass
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -61,6 +63,20 @@ def _leap_section_of(args, leap_config):
                                   f"and in leap_config=; keep one")
         return leap_config
     return section
+
+
+@dataclass
+class LeapTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` that take the LEAP section out of ``deepspeed`` as they read it.
+
+    Needed when the model is loaded after the arguments and before the Trainer at ZeRO-3
+    (``from_pretrained`` partitions it under the arguments' DeepSpeed config, which DeepSpeed
+    refuses while it holds ``compression_training``); it also validates the section before the
+    model is loaded. :class:`LeapTrainer` accepts these or plain ``TrainingArguments``."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _leap_section_of(self, None)
 
 
 def density_per_config_group(report: dict) -> dict:

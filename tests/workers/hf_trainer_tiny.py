@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from transformers import BertForSequenceClassification, TrainerCallback, TrainingArguments  # noqa: E402
 
 import leap_ds  # noqa: E402
-from leap_ds.hf import LeapTrainer  # noqa: E402
+from leap_ds.hf import LeapTrainer, LeapTrainingArguments  # noqa: E402
 from leap_ds.hf.accelerator import unwrap_optimizer  # noqa: E402
 from leap_ds.integration.engine import inner_optimizer  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
@@ -60,7 +60,9 @@ def trainer_config(stage, world, global_batch, accum, auto):
 
 def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
     cfg = trainer_config(a.stage, world, a.global_batch, accum, auto=a.stage == 3)
-    args = TrainingArguments(
+    # ZeRO-3: LeapTrainingArguments, as from_pretrained below partitions the model under their config;
+    # ZeRO-2: plain TrainingArguments, LeapTrainer takes the section out
+    args = (LeapTrainingArguments if a.stage == 3 else TrainingArguments)(
         output_dir=out_dir, deepspeed=cfg, per_device_train_batch_size=a.global_batch // world // accum,
         gradient_accumulation_steps=accum, max_steps=a.steps, learning_rate=LR, weight_decay=0.01,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=a.save_at,
