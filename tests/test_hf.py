@@ -148,3 +148,10 @@ def test_accelerate_example_prunes_and_exports(tmp_path):
     assert zeros >= report["prunable_weights"] - report["kept_weights"] > 0
     saved = torch.load(tmp_path / "state" / "custom_checkpoint_0.pkl", weights_only=False)
     assert saved["step"] == report["step"] // 2 > 0   # saved after half the steps
+
+
+def test_lower_layers_do_not_import_hf():
+    from tests.test_layers import PKG, imported_modules
+    for layer in ("algorithm", "integration"):
+        for f in (PKG / layer).glob("*.py"):
+            assert not any(n.startswith("leap_ds.hf") for n in imported_modules(f)), f
