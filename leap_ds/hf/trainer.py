@@ -149,9 +149,10 @@ class LeapTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.leap.finalized:
             raise LeapUsageError("LEAP was finalized by save_model(); build a new LeapTrainer to train again")
-        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)   # None: Trainer says why
-        self._leap_resume_dir = resume_from_checkpoint or None
+        if resume_from_checkpoint is True:
+            found = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = found if found is not None else True   # True: Trainer raises, naming the folder
+        self._leap_resume_dir = resume_from_checkpoint if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
         if self._leap_resume_dir is not None:
             path = os.path.join(self._leap_resume_dir, LEAP_STATE_NAME)
             if not os.path.isfile(path):
