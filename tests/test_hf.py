@@ -138,7 +138,8 @@ def test_trainer_example_prunes_and_exports_tiny_llama_causal_lm(tmp_path, launc
                 "--samples", 32, nproc=1 if launch == "deepspeed" else None)
     report, zeros = check_plain_export(LlamaForCausalLM, out)
     assert zeros == report["prunable_weights"] - report["kept_weights"]   # unstructured: exact
-    assert json.load(open(out / "checkpoint-4" / "leap_state.json"))["step"] == 4
+    # the checkpoint after half the steps holds half LEAP's final count (see the xfail above for its unit)
+    assert json.load(open(out / "checkpoint-4" / "leap_state.json"))["step"] == report["step"] // 2 > 0
 
 
 def test_accelerate_example_prunes_and_exports(tmp_path):
