@@ -112,12 +112,12 @@ def _optimizer_chain(optimizer) -> list:
     """[outermost wrapper, ..., the torch optimizer] through DeepSpeed's wrappers (ZeRO, fp16,
     bf16) and accelerate's."""
     chain = [optimizer]
-    while not isinstance(chain[-1], torch.optim.Optimizer):
-        nxt = getattr(chain[-1], "optimizer", None)
-        if nxt is None or nxt is chain[-1]:
-            raise LeapUsageError(f"cannot find the torch optimizer inside {type(optimizer).__name__}; "
-                                 f"LEAP must follow its steps (pass a torch optimizer or a DeepSpeed one)")
-        chain.append(nxt)
+    # accelerate's AcceleratedOptimizer is itself a torch Optimizer wrapping another: go down
+    while getattr(chain[-1], "optimizer", None) not in (None, chain[-1]):
+        chain.append(chain[-1].optimizer)
+    if not isinstance(chain[-1], torch.optim.Optimizer):
+        raise LeapUsageError(f"cannot find the torch optimizer inside {type(optimizer).__name__}; "
+                             f"LEAP must follow its steps (pass a torch optimizer or a DeepSpeed one)")
     return chain
 
 
