@@ -230,3 +230,17 @@ def test_minilm_structured_config_random_thresholds():
     small = compact(model)
     assert (logits(small, batch) - logits(model, batch)).abs().max().item() <= 1e-6
     assert parameter_count(model) - parameter_count(small) == removed_weights(pruner, pruner.unit_masks()) > 0
+
+
+def test_zero3_two_ranks_compact_on_rank0_matches_one_process(tmp_path):
+    """Train at ZeRO-3 on 2 ranks, compact (rank 0 builds it, module-by-module gathers): the same
+    shapes and outputs as compacting the same state in one process, and the masked engine's output."""
+    from tests.conftest import torchrun
+    out = tmp_path / "zero3.json"
+    torchrun(2, "tests/workers/compact_zero3.py", "--out", out)
+    r = json.load(open(out))
+    assert r["shapes"] == r["reference_shapes"]
+    assert r["parameters"] == r["reference_parameters"] < r["dense_parameters"]
+    assert r["max_diff_reference"] <= 1e-6 and r["max_diff_masked"] <= 1e-5
+    assert [v["kept_units"] for v in r["layers"].values()] == r["kept_units"]
+    assert r["kept_units"] != [2, 2, 64, 64]     # training pruned something
