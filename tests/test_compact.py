@@ -244,3 +244,12 @@ def test_zero3_two_ranks_compact_on_rank0_matches_one_process(tmp_path):
     assert r["max_diff_reference"] <= 1e-6 and r["max_diff_masked"] <= 1e-5
     assert [v["kept_units"] for v in r["layers"].values()] == r["kept_units"]
     assert r["kept_units"] != [2, 2, 64, 64]     # training pruned something
+    # export_compact (what the main job calls) wrote it; load_compact reads it back
+    assert r["max_diff_reloaded"] <= 1e-6
+    m = r["metrics"]
+    assert m["compact_parameters"] == r["parameters"] and m["masked_parameters"] == r["dense_parameters"]
+    assert m["compact_max_abs_logit_diff"] <= 1e-5 and m["compact_bytes"] > 0
+    assert m["compact_loads_with_plain_transformers"] == (len({v["kept_units"] for v in r["layers"].values()
+                                                               if v["granularity"] == "head"}) == 1 and
+                                                          len({v["kept_units"] for v in r["layers"].values()
+                                                               if v["granularity"] == "channel"}) == 1)

@@ -13,7 +13,8 @@ import torch  # noqa: E402
 
 import leap_ds  # noqa: E402
 from leap_ds.algorithm import LeapPruner  # noqa: E402
-from leap_ds.export import compact, parameter_count  # noqa: E402
+from leap_ds.export import compact, load_compact, parameter_count  # noqa: E402
+from leap_ds.export.job import export_compact  # noqa: E402
 from leap_ds.integration.config import split_config  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
 from tests.test_compact import LLAMA_GROUPS  # noqa: E402
@@ -44,13 +45,17 @@ def main():
     kept = [int(m.sum()) for m in engine.leap.unit_masks()]
 
     small = compact(engine)                                  # every rank; rank 0 gets the model
+    # what the main job calls: the compact model saved beside the masked one, and its metrics
+    compact_dir = os.path.join(os.path.dirname(args.out), "model-compact")
+    metrics = export_compact(engine, None, compact_dir, is_main=rank == 0)
     # the same state in one process: whole parameters and thresholds on rank 0
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params):
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     if rank != 0:
-        assert small is None
+        assert small is None and metrics == {}
         return
+    reloaded = load_compact(compact_dir)
     reference_model = tm.tiny_llama()
     _, section = split_config(cfg)
     pruner = LeapPruner(reference_model, section.rules(), **section.pruner_settings())   # one process
@@ -59,6 +64,7 @@ def main():
     reference = compact(reference_model.eval())
     with torch.no_grad():
         small_logits, reference_logits = small(input_ids=probe).logits, reference(input_ids=probe).logits
+        reloaded_logits = reloaded(input_ids=probe).logits
     result = {
         "kept_units": kept,
         "shapes": {k: list(v.shape) for k, v in small.state_dict().items()},
@@ -68,6 +74,8 @@ def main():
         "parameters": parameter_count(small), "reference_parameters": parameter_count(reference),
         "dense_parameters": parameter_count(reference_model),
         "layers": small.leap_compact["layers"],
+        "max_diff_reloaded": (reloaded_logits - reference_logits).abs().max().item(),
+        "metrics": metrics,
     }
     with open(args.out, "w") as f:
         json.dump(result, f)
