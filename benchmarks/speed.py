@@ -110,15 +110,19 @@ def probe(vocab: int, batch_size: int, seed: int = 0) -> dict:
 
 
 @torch.no_grad()
-def median_seconds(model, batch, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        model(**batch)
-    times = []
+def interleaved_medians(models: dict, batch, runs: int, warmup: int) -> dict[str, float]:
+    """Median seconds per model, the runs interleaved (dense, 0.7, 0.5, 0.3, dense, ...) so that
+    load from other processes on a shared machine falls on every model alike."""
+    for model in models.values():
+        for _ in range(warmup):
+            model(**batch)
+    times = {name: [] for name in models}
     for _ in range(runs):
-        start = time.perf_counter()
-        model(**batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(**batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load_minilm():
@@ -181,7 +185,7 @@ def measure(model_name: str, args) -> list[dict]:
         for threads in THREADS:
             torch.set_num_threads(threads)
             runs = runs_large if batch_size > 1 else args.runs * 4
-            times = {name: median_seconds(m, batch, runs, warmup) for name, (m, _) in models.items()}
+            times = interleaved_medians({name: m for name, (m, _) in models.items()}, batch, runs, warmup)
             for name, (m, reached) in models.items():
                 if name == "dense":
                     continue
@@ -236,7 +240,8 @@ def write_markdown(path, meta, rows):
         f"is shared, so timings carry that noise.",
         "",
         f"Sequence {meta['sequence']} tokens; median of the timed runs (column runs, after the warm-up "
-        f"runs) ; all models of one family in one process. "
+        f"runs), the runs of the dense and compact models interleaved so that other processes' load "
+        f"falls on all of them alike; all models of one family in one process. "
         "Ideal = dense FLOPs / compact FLOPs (linear layers, attention scores and weighted sums, "
         "embedding sums). Structured density = kept fraction of the weights in the head and "
         "channel groups of ds_configs/structured.json.",

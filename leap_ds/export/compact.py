@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..algorithm.pruner import LeapPruner
-from ..algorithm.selection import COUPLED, GroupRule, LeapConfigError, plan_groups
+from ..algorithm.selection import GroupRule, LeapConfigError, plan_groups
 from .shrink import StructuredGroup, apply_masks, masks_from_zeros, require_structured, shrink_model, structured
 
 COMPACT_ATTR = "leap_compact"   # the record shrink_model returns, kept on the compact model
@@ -61,15 +61,6 @@ def leap_rules(config) -> list[GroupRule]:
     else:
         section = parse_leap_section({"leap": raw})
     return section.rules()
-
-
-def _require_structured_rules(rules: list[GroupRule]) -> None:
-    if not any(r.granularity in COUPLED for r in rules):
-        found = sorted({r.granularity for r in rules})
-        raise LeapConfigError(
-            f"nothing to compact: the LEAP config has only {', '.join(found)} groups, which zero weights "
-            f"inside matrices that keep their shape. Only 'head' (attention) and 'channel' (FFN) groups "
-            f"remove whole units; use ds_configs/structured.json or channel.json to get a smaller model.")
 
 
 def _gathered(params):
@@ -159,7 +150,7 @@ def compact(source, config=None, *, keep_masked: bool = False):
             raise LeapConfigError("no LEAP attached to this model: pass config= (the DeepSpeed config "
                                   "or leap section it was trained with) to compact a masked model")
         rules = leap_rules(config)
-        _require_structured_rules(rules)
+        require_structured(r.granularity for r in rules)
         masked = copy.deepcopy(model).eval()
         plans = plan_groups(masked, rules)
         masks = [None] * len(plans)
@@ -168,7 +159,7 @@ def compact(source, config=None, *, keep_masked: bool = False):
         result = _shrink(copy.deepcopy(masked), plans, masks)
         return (masked, result) if keep_masked else result
     plans = [g.plan for g in pruner.groups]
-    require_structured(plans)                      # every rank, before any collective
+    require_structured(p.rule.granularity for p in plans)   # every rank, before any collective
     masks = pruner.unit_masks()                    # a collective at ZeRO-3
     values = parameters_on_rank0(model)            # a collective at ZeRO-3
     if values is None:
@@ -185,7 +176,7 @@ def compact_directory(path, config, *, keep_masked: bool = False):
         raise LeapConfigError(f"compacting the directory {os.fspath(path)!r} needs config= (the DeepSpeed "
                               f"config or leap section the model was trained with) to plan its groups")
     rules = leap_rules(config)
-    _require_structured_rules(rules)               # before loading anything
+    require_structured(r.granularity for r in rules)               # before loading anything
     import transformers
     hf_config = transformers.AutoConfig.from_pretrained(path)
     architectures = getattr(hf_config, "architectures", None) or []

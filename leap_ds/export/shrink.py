@@ -55,9 +55,10 @@ def structured(plans: list[GroupPlan]) -> list[int]:
     return [i for i, p in enumerate(plans) if p.rule.granularity in COUPLED]
 
 
-def require_structured(plans: list[GroupPlan]) -> None:
-    if not structured(plans):
-        found = sorted({p.rule.granularity for p in plans})
+def require_structured(granularities) -> None:
+    """Refuse, saying why, when no group is a head or channel group (nothing changes shape)."""
+    found = sorted(set(granularities))
+    if not set(found) & set(COUPLED):
         raise LeapConfigError(
             f"nothing to compact: the LEAP config has only {', '.join(found)} groups, which zero weights "
             f"inside matrices that keep their shape. Only 'head' (attention) and 'channel' (FFN) groups "
@@ -196,9 +197,6 @@ def apply_masks(model: nn.Module, plans: list[GroupPlan], masks: list[torch.Tens
             module = model.get_submodule(member.name)
             layout = member.layout
             w = module.weight.t() if layout.transposed else module.weight
-            if mask.numel() == layout.numel and layout.weights_per_unit == 1 and not layout.masks_bias:
-                w.mul_(mask.view(layout.rows, layout.cols).to(w.device, w.dtype))
-                continue
             w.mul_(layout.expand(mask.to(w.device)).to(w.dtype))
             bias_mask = layout.bias_mask(mask.to(w.device))
             if module.bias is not None and bias_mask is not None:
