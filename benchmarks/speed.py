@@ -152,16 +152,19 @@ LLAMA_STRUCTURED = {"compression_training": {"leap": {
         "ffn": {"params": {"granularity": "channel"}, "modules": [r"mlp\.down_proj"],
                 "related_modules": ["gate_proj", "up_proj"]}}}}}
 
-# name -> (loader, LEAP config, timed runs at batch 32 (batch 1: 4x), warm-up runs)
+# name -> (loader, LEAP config, batch sizes). SmolLM2 at batch 32 x 128 tokens is about 1 TFLOP a
+# forward, over a minute on this shared 2-core machine: batch 1 only (--smollm2-batch32 adds it).
 MODELS = {
-    "all-MiniLM-L6-v2": (load_minilm, CONFIG, None, None),
-    "SmolLM2-135M": (load_smollm2, LLAMA_STRUCTURED, 3, 1),
+    "all-MiniLM-L6-v2": (load_minilm, CONFIG, BATCHES),
+    "SmolLM2-135M": (load_smollm2, LLAMA_STRUCTURED, (1,)),
 }
 
 
 def measure(model_name: str, args) -> list[dict]:
-    load, config, runs_large, warmup_large = MODELS[model_name]
-    runs_large, warmup = runs_large or args.runs, warmup_large if warmup_large is not None else args.warmup
+    load, config, batches = MODELS[model_name]
+    if model_name == "SmolLM2-135M" and args.smollm2_batch32:
+        batches = BATCHES
+    warmup = args.warmup
     dense = load().eval()
     models = {"dense": (dense, 1.0)}
     for density in DENSITIES:
@@ -179,12 +182,12 @@ def measure(model_name: str, args) -> list[dict]:
         models[f"{density}"] = (small, reached)
 
     rows = []
-    for batch_size in BATCHES:
+    for batch_size in batches:
         batch = probe(dense.config.vocab_size, batch_size)
         flops = {name: forward_flops(m, batch) for name, (m, _) in models.items()}
         for threads in THREADS:
             torch.set_num_threads(threads)
-            runs = runs_large if batch_size > 1 else args.runs * 4
+            runs = args.runs if batch_size > 1 else args.runs * 4
             times = interleaved_medians({name: m for name, (m, _) in models.items()}, batch, runs, warmup)
             for name, (m, reached) in models.items():
                 if name == "dense":
@@ -209,6 +212,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default="all-MiniLM-L6-v2,SmolLM2-135M", help=f"comma-separated: {', '.join(MODELS)}")
+    ap.add_argument("--smollm2-batch32", action="store_true", help="also time SmolLM2 at batch 32 (slow)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -219,7 +223,10 @@ def main():
     for model_name in args.models.split(","):
         rows += measure(model_name, args)
         print(f"{model_name} done at {time.time() - started:.0f} s", flush=True)
+        write_results(args, rows, uptime_before, started)     # after each model: nothing lost
 
+
+def write_results(args, rows, uptime_before, started):
     meta = {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
             "command": "OMP_NUM_THREADS=2 python benchmarks/speed.py " + " ".join(sys.argv[1:]),
             "loadavg_before": uptime_before, "loadavg_after": open("/proc/loadavg").read().split()[:3],

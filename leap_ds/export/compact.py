@@ -137,8 +137,9 @@ def compact(source, config=None, *, keep_masked: bool = False):
 
     ``source``: a DeepSpeed engine or model with LEAP attached (``config`` unused), a masked
     model directory, or a masked in-memory model (both need ``config``: the DeepSpeed config
-    or leap section it was trained with). Returns the compact model (eval mode, on the CPU),
-    or ``None`` on ranks other than 0. ``keep_masked``: return ``(masked, compact)``, the
+    or leap section it was trained with). Returns the compact model in eval mode (from an
+    engine / LEAP model: on the CPU, and ``None`` on ranks other than 0; from a masked model:
+    on that model's device). ``keep_masked``: return ``(masked, compact)``, the
     full-size masked model as well (what the compact one must equal).
     """
     if isinstance(source, (str, os.PathLike)):
@@ -151,6 +152,10 @@ def compact(source, config=None, *, keep_masked: bool = False):
                                   "or leap section it was trained with) to compact a masked model")
         rules = leap_rules(config)
         require_structured(r.granularity for r in rules)
+        if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+            raise LeapConfigError("this model's parameters are ZeRO-3 partitions and no LEAP is attached: "
+                                  "compact the engine LEAP trained (leap_ds.compact(engine)) or the "
+                                  "exported model directory")
         masked = copy.deepcopy(model).eval()
         plans = plan_groups(masked, rules)
         masks = [None] * len(plans)
