@@ -37,3 +37,11 @@ def test_algorithm_runs_without_deepspeed_loaded():
     code = ("import sys, leap_ds.algorithm as a; "
             "assert not [m for m in sys.modules if m.startswith('deepspeed')], 'deepspeed imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PKG.parent)
+
+
+def test_export_layer_sits_above_algorithm_and_integration():
+    for layer in ("algorithm", "integration"):
+        for f in (PKG / layer).glob("*.py"):
+            assert not any(n.startswith("leap_ds.export") for n in imported_modules(f)), f
+    for f in (PKG / "export").glob("*.py"):
+        assert not any(n.startswith("leap_ds.apps") for n in imported_modules(f)), f
