@@ -273,3 +273,17 @@ def test_device_cut_equals_host_topk():
         values = torch.randint(0, 50, (n,), generator=g).float()   # many ties at the cut
         assert torch.equal(topk_bool_by_cut(values, torch.tensor(k)), topk_bool(values, k))
     assert not topk_bool_by_cut(torch.ones(10), torch.tensor(0)).any()
+
+
+def test_unit_scores_follow_a_loaded_state_dict():
+    model = llama(4, 2, 8, layers=1, seed=6)
+    pruner = attach(model, {"compression_training": tm.leap_section(LLAMA_CHANNELS)})
+    pruner.groups[0].module.threshold.data.fill_(0.0)   # keep half the channels
+    before = pruner.unit_masks()[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    down = state["model.layers.0.mlp.down_proj.weight"]
+    flipped = torch.where(before.bool(), torch.zeros(()), torch.full((), 5.0))   # boost the pruned ones
+    state["model.layers.0.mlp.down_proj.weight"] = down + flipped[None, :]
+    model.load_state_dict(state)
+    after = pruner.unit_masks()[0]
+    assert torch.equal(after, 1 - before)

@@ -181,7 +181,8 @@ class LeapPruner:
             self.groups.append(GroupHandle(i, plan, group))
         self._scores_stale = False
         self._hooks = [model.register_forward_pre_hook(self._before_model_forward),
-                       model.register_forward_hook(self._add_regularizer_to_loss)]
+                       model.register_forward_hook(self._add_regularizer_to_loss),
+                       model.register_load_state_dict_post_hook(self._after_load_state_dict)]
         self._set_active()
         self.refresh_scores()
 
@@ -191,6 +192,9 @@ class LeapPruner:
         # written them back (ZeRO copies its fp32 master into the model after the inner step)
         if self._scores_stale:
             self.refresh_scores()
+
+    def _after_load_state_dict(self, module, incompatible_keys):
+        self._scores_stale = True   # new weights: the unit scores follow at the next forward
 
     def _add_regularizer_to_loss(self, module, args, output):
         """A Hugging Face output with a ``loss`` (the model was given labels) carries the
