@@ -292,11 +292,10 @@ def _main(args):
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {args.model!r} does not load as a Hugging Face model ({e}); "
                          f"pass a local model directory or a hub name reachable from here") from None
+    task.check_pruning(raw_config)
     new_model = task.new_model
     if args.dry_run:
-        model = new_model()
-        task.check_pruning(model, raw_config)
-        return dry_run(model, section, raw_config)
+        return dry_run(new_model(), section, raw_config)
 
     import deepspeed
     if not args.verbose:
@@ -350,7 +349,6 @@ def _main(args):
     # -------- LEAP pruning (after the task's baselines: causal LM, dense and one-shot magnitude perplexity)
     import leap_ds
     student = new_model()
-    task.check_pruning(student, raw_config)
     baselines = task.baselines(run, teacher, section, val, run.out)
     if teacher is not None and args.student_init == "teacher":
         student.load_state_dict(teacher.state_dict())

@@ -41,8 +41,8 @@ class Task:
     def new_model(self, path: str | None = None):
         raise NotImplementedError
 
-    def check_pruning(self, model, raw_config: dict) -> None:
-        """Refuse a LEAP config this task's model cannot take (before training)."""
+    def check_pruning(self, raw_config: dict) -> None:
+        """Refuse a LEAP config this task's model cannot take (before anything is loaded or written)."""
 
     def prepare(self, data, tokenizer):
         """-> (train, validation) torch-format datasets."""

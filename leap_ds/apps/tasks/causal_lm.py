@@ -96,11 +96,16 @@ class CausalLMTask(Task):
         kwargs = self.load_kwargs if path is None else {}
         return AutoModelForCausalLM.from_pretrained(path or self.model_path, **kwargs)
 
-    def check_pruning(self, model, raw_config):
+    def check_pruning(self, raw_config):
+        """Naming the output layer when it shares its weight with the embeddings is refused."""
+        from transformers import AutoModelForCausalLM
         from ..train import UsageError
-        tied = getattr(model.config, "tie_word_embeddings", False)
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return
+        with torch.device("meta"):   # module names only: no memory, no weights read
+            model = AutoModelForCausalLM.from_config(self.config)
         head = model.get_output_embeddings()
-        if not tied or head is None:
+        if head is None:
             return
         head_names = [n for n, m in model.named_modules() if m is head]
         groups = raw_config.get("compression_training", {}).get("leap", {}).get("different_groups", {})
