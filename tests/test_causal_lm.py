@@ -201,9 +201,9 @@ def test_lm_job_outputs_export_and_resume(finished_lm_run):
 
 @pytest.mark.parametrize("flags,message", [
     (["--task", "causal-lm", "--model", "{classifier}"], "no causal language-model head"),
-    (["--model", "{lm}", "--train-file", "{empty}"], "no non-empty text"),
+    (["--model", "{lm}", "--block-size", "32", "--train-file", "{empty}"], "no non-empty text"),
     (["--model", "{lm}", "--block-size", "128"], "larger than the model's context of 64"),
-    (["--model", "{lm}", "--deepspeed_config", "{lm_head}"], "tied to the input embeddings"),
+    (["--model", "{lm}", "--block-size", "32", "--deepspeed_config", "{lm_head}"], "tied to the input embeddings"),
 ])
 def test_bad_lm_input_fails_early_on_every_rank(flags, message, tiny_lm_dir, tiny_model_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n\n")
