@@ -93,7 +93,7 @@ def fine_tune(model, teacher, task, train, steps, lr, raw_config=None, leap=Fals
     unless ``leap``, where LEAP is attached and finalized at the end."""
     import leap_ds
     from leap_ds.integration.engine import follow_optimizer, param_groups
-    model.train()
+    model.train().requires_grad_(True)   # one-shot copies of the frozen dense model
     if leap:
         pruner = leap_ds.attach(model, raw_config)
         opt = torch.optim.AdamW(param_groups(model.parameters(), pruner), lr=lr, weight_decay=0.0)
