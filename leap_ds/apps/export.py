@@ -22,22 +22,24 @@ class _null:
         return False
 
 
-def export_pruned(engine, tokenizer, path, label_names, is_main: bool) -> dict:
-    """Finalize LEAP in the engine and save a model loadable with plain transformers."""
+def export_pruned(engine, tokenizer, path, set_task_config, is_main: bool) -> dict:
+    """Finalize LEAP in the engine and save a model loadable with plain transformers.
+    ``set_task_config(config)`` writes the task's fields (e.g. label names) into the saved config."""
     leap_ds.finalize(engine)
     state = full_state_dict(engine)
     if is_main:
         model = engine.module
-        model.config.id2label = dict(enumerate(label_names))
-        model.config.label2id = {n: i for i, n in enumerate(label_names)}
+        set_task_config(model.config)
         model.save_pretrained(path, state_dict=state)
         tokenizer.save_pretrained(path)
     return state
 
 
-def load_exported(path):
-    from transformers import AutoModelForSequenceClassification
-    return AutoModelForSequenceClassification.from_pretrained(path).eval()
+def load_exported(path, model_class=None):
+    """The exported model with plain transformers (``model_class``: the task's Auto class)."""
+    if model_class is None:
+        from transformers import AutoModelForSequenceClassification as model_class
+    return model_class.from_pretrained(path).eval()
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_report(history: list[dict], evals: list[dict], report: dict, path) -> None:
+def plot_report(history: list[dict], evals: list[dict], report: dict, path, metric: str = "accuracy") -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     steps = [h["step"] for h in history]
     ax = axes[0, 0]
@@ -18,8 +18,8 @@ def plot_report(history: list[dict], evals: list[dict], report: dict, path) -> N
     ax.set(xlabel="optimizer step", ylabel="lambda", yscale="log", title="Adaptive coefficient lambda")
     ax = axes[1, 0]
     if evals:
-        ax.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:green")
-    ax.set(xlabel="optimizer step", ylabel="validation accuracy", title="Validation accuracy")
+        ax.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:green")
+    ax.set(xlabel="optimizer step", ylabel=f"validation {metric}", title=f"Validation {metric}")
     ax = axes[1, 1]
     names, dens = [], []
     for g in report["groups"]:

