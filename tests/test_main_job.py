@@ -140,6 +140,16 @@ def test_every_shipped_config_dry_runs_and_trains(config, tiny_model_dir, tmp_pa
                  "--eval-interval", 0, "--allow-missed-target", "--output-dir", tmp_path / "run")
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["steps"] == 3 and metrics["zero_stage"] == json.load(open(config))["zero_optimization"]["stage"]
+    structured = any(g["granularity"] in ("head", "channel") for g in rep["groups"])
+    # model-compact/ for head/channel groups: smaller, and reproducing the logged accuracy
+    assert (tmp_path / "run" / "model-compact").is_dir() == structured
+    if structured:
+        compact = metrics["compact"]
+        assert compact["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+        assert compact["compact_parameters"] < compact["masked_parameters"] or \
+            all(g["kept_units"] == g["units"] for g in metrics["groups"])
+    else:
+        assert metrics["compact"] is None
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -473,6 +473,7 @@ def _main(args):
         exported = placement.to_device(load_exported(str(export_dir), task.export_model_class()), engine.device)
         exported_eval = task.evaluate(exported, val, 0, 1, device=engine.device)
         del exported
+    compact_metrics = export_compact_model(run, engine, tokenizer, task, val, export_dir, placement)
     metrics = {
         "task": task.name, **task.final_metrics(final_eval, exported_eval, dense_metrics, baselines),
         "target_density": report["target_density"], "achieved_density": report["global_density"],
@@ -485,6 +486,7 @@ def _main(args):
         "seed": args.seed, "distillation": distill and teacher is not None,
         "target_reached": abs(report["global_density"] - report["target_density"]) <= TARGET_TOLERANCE,
         "target_tolerance": TARGET_TOLERANCE,
+        "compact": compact_metrics,
         "wall_time_s": round(time.time() - run.start, 1),
     }
     if run.main:
@@ -496,7 +498,8 @@ def _main(args):
                 f"{metrics['achieved_density']:.4f} (target {metrics['target_density']}), "
                 f"{metrics['wall_time_s']} s")
         run.log(f"outputs in {run.out.resolve()}: model/ (plain transformers), checkpoints/, metrics.json, "
-                f"history.json, report.png" + (", teacher/" if teacher_dir.exists() else ""))
+                f"history.json, report.png" + (", teacher/" if teacher_dir.exists() else "")
+                + (", model-compact/ (pruned heads and channels removed)" if compact_metrics else ""))
     engine.destroy()
     run.barrier()
     if not metrics["target_reached"]:
@@ -509,6 +512,23 @@ def _main(args):
                 print(f"leap-ds train: error: {missed}", file=sys.stderr, flush=True)
             raise TargetMissed(missed)
         run.log(f"warning: {missed} (--allow-missed-target: exit 0)")
+    return metrics
+
+
+def export_compact_model(run, engine, tokenizer, task, val, export_dir, placement) -> dict | None:
+    """model-compact/ beside model/ when the config has head or channel groups: pruned units
+    physically removed; rank 0 reloads it and evaluates it like the other models. A collective."""
+    from leap_ds.export import load_compact
+    from leap_ds.export.job import export_compact, has_structured_groups
+    if not has_structured_groups(engine):
+        run.log("no model-compact/: only head and channel groups remove whole units (this config has "
+                "none); model/ holds the pruned weights as zeros")
+        return None
+    metrics = export_compact(engine, tokenizer, run.out / "model-compact", run.main, masked_dir=export_dir)
+    if run.main:
+        small = placement.to_device(load_compact(str(run.out / "model-compact")), engine.device)
+        metrics[task.metric] = task.evaluate(small, val, 0, 1, device=engine.device)[task.metric]
+        del small
     return metrics
 
 
