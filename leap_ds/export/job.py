@@ -28,6 +28,8 @@ def directory_bytes(path) -> int:
 
 def probe_batch(model, batch_size: int, sequence: int = LATENCY_SEQUENCE, seed: int = 0) -> dict:
     vocab = model.config.vocab_size
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    sequence = min(sequence, context or sequence)   # a model with a shorter context than the probe
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, sequence), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
