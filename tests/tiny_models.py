@@ -56,6 +56,9 @@ HYBRID_BERT = {
 }
 
 
+WARMUP_STEPS = 3   # the tiny configs' WarmupLR (HF Trainer's warmup_steps must match it)
+
+
 def ds_config(stage=0, micro_batch=8, grad_accum=1, world=1, leap=None, lr=1e-3):
     cfg = {
         "train_batch_size": micro_batch * grad_accum * world,
@@ -64,7 +67,7 @@ def ds_config(stage=0, micro_batch=8, grad_accum=1, world=1, leap=None, lr=1e-3)
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True}},
         # a schedule that sets one lr for every group: LEAP's lrs are re-scaled at every stage
         "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                    "warmup_num_steps": 3}},
+                                                    "warmup_num_steps": WARMUP_STEPS}},
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10 ** 6,
         "wall_clock_breakdown": False,

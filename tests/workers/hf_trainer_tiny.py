@@ -65,7 +65,7 @@ def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
     args = (LeapTrainingArguments if a.stage == 3 else TrainingArguments)(
         output_dir=out_dir, deepspeed=cfg, per_device_train_batch_size=a.global_batch // world // accum,
         gradient_accumulation_steps=accum, max_steps=a.steps, learning_rate=LR, weight_decay=0.01,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=a.save_at,
+        lr_scheduler_type="constant", warmup_steps=tm.WARMUP_STEPS, logging_steps=1, save_strategy="steps", save_steps=a.save_at,
         train_sampling_strategy="sequential", report_to=[], disable_tqdm=True, seed=0)
     # at ZeRO-3 the model is loaded under the Trainer's DeepSpeed config: zero.Init partitions it
     model = BertForSequenceClassification.from_pretrained(a.model_dir) if a.model_dir else tm.tiny_bert()
@@ -76,6 +76,9 @@ def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
     trainer.train(resume_from_checkpoint=resume)
     rep = trainer.leap.report()
     inner = inner_optimizer(unwrap_optimizer(trainer.optimizer))
+    # the lrs LEAP's groups get before each step (the schedulers set every group's lr after it)
+    from leap_ds.algorithm.pruner import sync_leap_param_groups
+    sync_leap_param_groups(inner.param_groups, trainer.leap.reference_lr)
     leap_groups = [{"lr": g["lr"], "weight_decay": g["weight_decay"], "n": len(g["params"])}
                    for g in inner.param_groups if "leap_lr" in g]
     result = {"losses": record.losses, "densities": record.densities, "report": rep,
@@ -128,7 +131,7 @@ def config_errors(a, world):
         try:
             args = TrainingArguments(output_dir=os.path.join(a.tmp, "bad"), deepspeed=copy.deepcopy(cfg),
                                      per_device_train_batch_size=a.global_batch // world, learning_rate=LR,
-                                     weight_decay=0.01, report_to=[])
+                                     warmup_steps=tm.WARMUP_STEPS, weight_decay=0.01, report_to=[])
             LeapTrainer(model=tm.tiny_bert(), args=args, train_dataset=[])
         except leap_ds.LeapConfigError as e:
             messages["trainer"] = str(e)
