@@ -225,3 +225,32 @@ def test_leap_lrs_follow_each_scheduler_and_keep_their_betas(name):
     assert len(set(lrs)) > 2   # the schedule really moved
     if name == "OneCycle":
         assert len({groups[0][1] for groups in seen}) > 1   # it cycled the weights' momentum
+
+
+PIPELINE_CHECK = r"""
+import deepspeed, leap_ds
+from torch import nn
+from deepspeed.pipe import PipelineModule
+from tests import tiny_models as tm
+deepspeed.init_distributed(dist_backend="gloo")
+model = PipelineModule(layers=[nn.Linear(8, 8), nn.Linear(8, 2)], num_stages=1)
+section = tm.leap_section({"all": {"params": {"granularity": "unstructured"}, "modules": [r"^\d+$"]}})
+try:
+    leap_ds.initialize(model=model, config=tm.ds_config(leap=section))
+except leap_ds.LeapConfigError as e:
+    print("refused:", e)
+"""
+
+
+def test_pipeline_engine_is_refused_at_initialize():
+    """PipelineEngine.train_batch bypasses the hooks LEAP needs: refused before any engine exists
+    (in a subprocess: a pipeline module needs a process group)."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT, dist_env, free_port
+    env = {**dist_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", PIPELINE_CHECK], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused:" in proc.stdout and "pipeline engine" in proc.stdout, proc.stdout[-2000:]
