@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from leap_ds import GroupRule, LeapConfigError, LeapPruner, attach
 from tests import tiny_models as tm

@@ -216,7 +216,7 @@ def test_leap_lrs_follow_each_scheduler_and_keep_their_betas(name):
         scheduler.step()
     assert len(seen) == 8
     for groups in seen:
-        (w_lr, w_betas), leap = groups[0], groups[1:]
+        (w_lr, _), leap = groups[0], groups[1:]
         factor = w_lr / 1e-3
         for (lr, betas), g in zip(leap, [g for g in opt.param_groups if "leap_lr" in g]):
             assert lr == pytest.approx(base[g["name"]] * factor, rel=1e-9, abs=1e-15)

@@ -27,7 +27,7 @@ from .group import LeapGroup
 from .masked import LeapMasked, mask_module, unmask_module
 from .mask import kept_units, topk_bool
 from .regularizer import DEFAULT_DENSITY_TOLERANCE, adaptive_lambda, density_regularizer, global_density
-from .selection import COUPLED, GroupPlan, GroupRule, LeapConfigError, Member, plan_groups
+from .selection import GroupPlan, GroupRule, LeapConfigError, Member, plan_groups
 
 LEAP_LR = "leap_lr"          # param-group key: LEAP's own base learning rate
 LEAP_BETAS = "leap_betas"    # param-group key: LEAP's own Adam betas (schedulers may cycle momentum)

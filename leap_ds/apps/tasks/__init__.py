@@ -100,7 +100,7 @@ def _architectures(model_path: str, load_kwargs: dict) -> list[str] | None:
 
 def create_task(args) -> Task:
     """The task of ``--task`` (or inferred from the model), its model resolved and checked."""
-    from ..train import UsageError, resolve_model_path
+    from ..train import resolve_model_path
     from . import causal_lm, classification
     requested = getattr(args, "task", "auto")
     embedded_lm = causal_lm.resolve_embedded(args.model)
