@@ -1,6 +1,6 @@
 """LEAP's algorithm layer against independent re-computations.
 
-Every expectation here is computed in this file with plain loops / numpy /
+Every expectation here is computed in this file or tests/leap_reference.py with plain loops / numpy /
 explicit formulas from /work/shared/LEAP_ALGORITHM.md, never with the
 package's own helpers (layout, mask, regulariser):
 
@@ -28,24 +28,13 @@ from torch import nn
 from leap_ds import GroupRule, LeapPruner, attach
 from leap_ds.algorithm.masked import LeapMasked
 from tests import tiny_models as tm
+# the independent masks (also used by the multi-rank finalize check): tests/leap_reference.py
+from tests.leap_reference import (HEAD_ROLES, bert_hybrid_spec, bias_of, is_conv1d, logical_weight,
+                                  reference_group, reference_masks, sigmoid64)
 
 # ----------------------------------------------------------------------------------------------
-# independent reference helpers
+# thresholds for the tests
 # ----------------------------------------------------------------------------------------------
-
-
-def sigmoid64(theta: float) -> float:
-    theta = float(np.float32(theta))  # thresholds are float32 parameters
-    return 1.0 / (1.0 + math.exp(-theta))
-
-
-def expected_k(theta: float, n: int) -> int:
-    r = sigmoid64(theta)
-    prod = r * n
-    # the test chooses thresholds away from integer products, so float32 vs
-    # float64 evaluation of sigmoid cannot change the ceiling
-    assert abs(prod - round(prod)) > 1e-3 or prod >= n, (theta, n, prod)
-    return min(n, math.ceil(prod))
 
 
 def theta_for(k: int, n: int) -> float:
@@ -61,92 +50,6 @@ def safe_theta(theta: float, n: int) -> float:
         if abs(prod - round(prod)) > 1e-2:
             return float(np.float32(theta))
         theta += 0.0137
-
-
-def is_conv1d(module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-    return isinstance(module, Conv1D)
-
-
-def logical_weight(module) -> np.ndarray:
-    """(out_features, in_features) as float64 numpy."""
-    w = module.weight.detach().double().numpy()
-    return w.T.copy() if is_conv1d(module) else w.copy()
-
-
-def bias_of(module):
-    return None if module.bias is None else module.bias.detach().double().numpy().copy()
-
-
-def unit_slices(gran, rows, cols, block=None, role=None, head_dim=None):
-    """The units of one (rows, cols) matrix as (row slice, col slice), in a fixed order."""
-    if gran == "unstructured":
-        return [(slice(i, i + 1), slice(j, j + 1)) for i in range(rows) for j in range(cols)]
-    if gran == "block":
-        br, bc = block
-        return [(slice(a * br, (a + 1) * br), slice(b * bc, (b + 1) * bc))
-                for a in range(rows // br) for b in range(cols // bc)]
-    if gran == "row":
-        return [(slice(i, i + 1), slice(0, cols)) for i in range(rows)]
-    if gran == "column":
-        return [(slice(0, rows), slice(j, j + 1)) for j in range(cols)]
-    if gran == "head":
-        if role == "qkv":
-            return [(slice(h * head_dim, (h + 1) * head_dim), slice(0, cols)) for h in range(rows // head_dim)]
-        return [(slice(0, rows), slice(h * head_dim, (h + 1) * head_dim)) for h in range(cols // head_dim)]
-    raise ValueError(gran)
-
-
-def reference_group(weights, gran, theta, *, block=None, num_heads=None, roles=None, scores=None):
-    if gran == "channel":   # a channel is a head of width one: producer rows, consumer columns
-        gran = "head"
-    """Independent top-k mask of one group.
-
-    weights: list of logical (rows, cols) float64 arrays (several for heads: Q, K, V, out).
-    Returns (list of weight masks, list of bias masks or None, kept unit indices, k, n,
-    per-member unit slices).
-    """
-    roles = roles or [None] * len(weights)
-    per_member = []
-    for w, role in zip(weights, roles):
-        rows, cols = w.shape
-        head_dim = None
-        if gran == "head":
-            head_dim = (rows if role == "qkv" else cols) // num_heads
-        per_member.append(unit_slices(gran, rows, cols, block, role, head_dim))
-    n = len(per_member[0])
-    assert all(len(s) == n for s in per_member)
-    if scores is None:
-        scores = np.zeros(n)
-        for w, slices in zip(weights, per_member):
-            for u, (rs, cs) in enumerate(slices):
-                total = 0.0
-                for i in range(rs.start, rs.stop):
-                    for j in range(cs.start, cs.stop):
-                        total += w[i, j] * w[i, j]
-                scores[u] += total
-    scores = np.asarray(scores, dtype=np.float64)
-    k = expected_k(theta, n)
-    order = sorted(range(n), key=lambda u: -scores[u])
-    if 0 < k < n:  # a clear winner set: no near-ties at the cut
-        assert scores[order[k - 1]] - scores[order[k]] > 1e-5 * abs(scores[order[k - 1]]) + 1e-12
-    kept = sorted(order[:k])
-    wmasks, bmasks = [], []
-    for w, role, slices in zip(weights, roles, per_member):
-        m = np.zeros_like(w)
-        for u in kept:
-            rs, cs = slices[u]
-            m[rs, cs] = 1.0
-        wmasks.append(m)
-        whole_rows = gran == "row" or (gran == "head" and role == "qkv")
-        if whole_rows:
-            bm = np.zeros(w.shape[0])
-            for u in kept:
-                bm[slices[u][0]] = 1.0
-            bmasks.append(bm)
-        else:
-            bmasks.append(None)
-    return wmasks, bmasks, kept, k, n, per_member
 
 
 def effective_linear(module):
@@ -241,7 +144,6 @@ HEAD_RULE = GroupRule("heads", modules=[r"attention\.output\.dense"], granularit
                       num_heads=4, related_modules=["self.query", "self.key", "self.value"])
 HEAD_NAMES = ["attention.self.query", "attention.self.key", "attention.self.value",
               "attention.output.dense"]
-HEAD_ROLES = ["qkv", "qkv", "qkv", "out"]
 
 MIXED_RULES = [HEAD_RULE,
                # connected row / column pruning, allowed on purpose: this model tests the masks
@@ -253,18 +155,6 @@ MIXED_SPEC = [("head", HEAD_NAMES, HEAD_ROLES, {"num_heads": 4}),
               ("row", ["ffn"], None, {}),
               ("block", ["proj"], None, {"block": (4, 8)}),
               ("column", ["extra"], None, {})]
-
-
-def reference_masks(model, spec, thetas):
-    """{module name: (weight mask, bias mask or None)} of every group in spec, plus per-group (k, n)."""
-    out, counts = {}, []
-    for (gran, names, roles, kw), theta in zip(spec, thetas):
-        weights = [logical_weight(model.get_submodule(n)) for n in names]
-        wm, bm, _, k, n, _ = reference_group(weights, gran, theta, roles=roles, **kw)
-        for name, a, b in zip(names, wm, bm):
-            out[name] = (a, b)
-        counts.append((k, n))
-    return out, counts
 
 
 def apply_masks_to_copy(model, masks):
@@ -815,18 +705,6 @@ def test_finalize_mixed_model():
 # ----------------------------------------------------------------------------------------------
 
 
-def _bert_spec():
-    """tm.HYBRID_BERT: heads in layer 0, 4x8 blocks in layer 1's attention, FFN channels."""
-    p0, p1 = "bert.encoder.layer.0.", "bert.encoder.layer.1."
-    spec = [("head", [p0 + "attention.self.query", p0 + "attention.self.key",
-                      p0 + "attention.self.value", p0 + "attention.output.dense"], HEAD_ROLES, {"num_heads": 4})]
-    spec += [("block", [p1 + n], None, {"block": (4, 8)})
-             for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")]
-    for p in (p0, p1):
-        spec.append(("channel", [p + "intermediate.dense", p + "output.dense"], ["qkv", "out"], {"num_heads": 64}))
-    return spec
-
-
 def _gpt2_spec():
     spec = []
     for layer in range(2):
@@ -862,7 +740,7 @@ def _attach_model(kind):
     if kind == "bert":
         model = tm.tiny_bert(seed=11)
         pruner = attach(model, {"compression_training": tm.leap_section(tm.HYBRID_BERT)})
-        return model, pruner, _bert_spec()
+        return model, pruner, bert_hybrid_spec()
     if kind == "gpt2":
         model = tm.tiny_gpt2(seed=12)
         rules = [GroupRule("qkv", [r"attn\.c_attn"], "unstructured"),
