@@ -253,3 +253,141 @@ def test_zero3_two_ranks_compact_on_rank0_matches_one_process(tmp_path):
                                                                if v["granularity"] == "head"}) == 1 and
                                                           len({v["kept_units"] for v in r["layers"].values()
                                                                if v["granularity"] == "channel"}) == 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# params.multiple_of: each matrix keeps a multiple of N units (hardware-friendly widths)
+# ----------------------------------------------------------------------------------------------
+
+
+def expected_multiple_k(theta, n, multiple):
+    """Independent: k = min(n, N ceil(ceil(sigmoid(theta) n) / N)), sigmoid in float64 of the
+    float32 threshold; None where float32 and float64 could round the product differently."""
+    theta32 = float(torch.tensor(theta, dtype=torch.float32))
+    prod = n / (1.0 + math.exp(-theta32))
+    if abs(prod - round(prod)) < 1e-3 and prod < n:
+        return None
+    return min(n, multiple * math.ceil(math.ceil(prod) / multiple))
+
+
+def test_multiple_of_rounds_k_up_everywhere_k_is_computed():
+    import random
+    from leap_ds.algorithm.group import LeapGroup
+    from leap_ds.algorithm.mask import kept_units, kept_units_tensor
+    rng = random.Random(7)
+    checked = rounded = 0
+    for _ in range(3000):
+        n = rng.choice([3, 4, 12, 64, 1536, 3072])
+        multiple = rng.choice([d for d in (1, 2, 3, 5, 8, 24, 32, 64, 128, 1000) if d <= n])
+        theta = rng.uniform(-8, 8)
+        want = expected_multiple_k(theta, n, multiple)
+        if want is None:
+            continue
+        t = torch.tensor([theta])
+        assert kept_units(theta, n, multiple) == want, (theta, n, multiple)
+        assert int(kept_units_tensor(t, n, multiple)) == want, (theta, n, multiple)
+        assert want == n or want % multiple == 0
+        checked += 1
+        rounded += want != min(n, math.ceil(n / (1 + math.exp(-theta))))
+        if checked % 50 == 0:   # the group's forward: mask and the keep ratio the regulariser sees
+            group = LeapGroup(n, theta, shared_scores=True, multiple_of=multiple)
+            group.unit_scores.copy_(torch.randn(n, generator=torch.Generator().manual_seed(checked)))
+            mask, keep = group()
+            assert int(mask.detach().sum()) == want and float(keep.detach()) == pytest.approx(want / n, rel=1e-6)
+            assert group.kept_units() == want and int(group.kept_units_tensor()) == want
+    assert checked > 2500 and rounded > 500
+
+
+MULTIPLE_OF = {"bert": {"head": 2, "ffn": 24}, "gpt2": {"ffn": 24}, "llama": {"attn": 2, "ffn": 16}}
+
+
+def multiple_of_groups(kind):
+    groups = copy.deepcopy(CASES[kind][1])
+    for name, multiple in MULTIPLE_OF[kind].items():
+        groups[name]["params"]["multiple_of"] = multiple
+    return groups
+
+
+def live_weights(model, pruner):
+    """Non-zero weights of every pruned matrix (random weights: none is zero unless pruned)."""
+    return sum(int((g_m.module.weight != 0).sum()) for g in pruner.groups for g_m in g.members)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_multiple_of_masks_report_regulariser_and_compact(kind):
+    make = CASES[kind][0]
+    section = leap_section(multiple_of_groups(kind), target=0.4, regularizer="two_sided")
+    batch = inputs()
+    g = torch.Generator().manual_seed(3)
+    widths = set()
+    for trial in range(4):
+        model = make().double()
+        pruner = leap_ds.attach(model, {"compression_training": section})
+        for grp in pruner.groups:
+            grp.module.threshold.data.fill_(float(torch.empty(1).uniform_(-3.0, 2.0, generator=g)))
+        rep = pruner.report()
+        masks = pruner.unit_masks()
+        for grp, mask, row in zip(pruner.groups, masks, rep["groups"]):
+            multiple, n = grp.module.multiple_of, grp.num_units
+            k = int(mask.sum())
+            assert k == row["kept_units"] == expected_multiple_k(row["threshold"], n, multiple)
+            if grp.plan.rule.granularity in COUPLED:
+                assert multiple == MULTIPLE_OF[kind].get(grp.plan.rule.name, 1)
+                assert k == n or k % multiple == 0, (grp.name, k, multiple)
+        # the regulariser counts the same rounded k: (R - R_t)^2 with R the report's density
+        model.train()
+        labels = batch["input_ids"] if kind != "bert" else torch.tensor([0, 1, 0])
+        model(**batch, labels=labels).loss.backward()
+        assert pruner.last_reg_loss == pytest.approx((rep["global_density"] - 0.4) ** 2, rel=1e-5)  # float32
+        model.eval()
+        # compact equals masked; every compact width is a multiple of N (or all n units)
+        expected = logits(model, batch)
+        small = compact(model)
+        assert (logits(small, batch) - expected).abs().max().item() <= 1e-6
+        for grp, mask in zip(pruner.groups, masks):
+            if grp.plan.rule.granularity not in COUPLED:
+                continue
+            consumer = grp.members[-1]
+            width = small.get_submodule(consumer.name).weight.shape[0 if kind == "gpt2" else 1]
+            units = width // consumer.layout.tile_cols
+            assert units == int(mask.sum()) and (units == grp.num_units or units % grp.module.multiple_of == 0)
+            widths.add((grp.plan.rule.name, units))
+        # after finalize, the report's density is the count of live weights
+        pruner.finalize()
+        assert rep["kept_weights"] == live_weights(model, pruner)
+        assert rep["global_density"] == rep["kept_weights"] / rep["prunable_weights"]
+    assert len(widths) > 2   # the trials kept different widths
+
+
+def test_multiple_of_with_uniform_layers():
+    groups = {k: {**v, "params": {**v["params"], "uniform": True, "multiple_of": 24}}
+              for k, v in FFN_CHANNELS.items()}
+    model = tiny_bert().double().eval()
+    pruner = leap_ds.attach(model, {"compression_training": leap_section(groups)})
+    for theta, want in ((-1.0, 24), (0.3, 48), (3.0, 64)):
+        pruner.groups[0].module.threshold.data.fill_(theta)
+        assert [int(m.sum()) for m in pruner.unit_masks()] == [want, want]
+        assert [r["kept_units"] for r in pruner.report()["groups"]] == [want, want]
+
+
+def test_multiple_of_device_path_adds_no_host_reads(monkeypatch):
+    from leap_ds.algorithm import mask
+    from tests.test_structures import _count_host_reads
+    monkeypatch.setattr(mask, "HOST_SELECTION_ON_CPU", False)
+    model = tiny_bert()
+    groups = multiple_of_groups("bert")
+    pruner = leap_ds.attach(model, {"compression_training": leap_section(groups)})
+    for grp in pruner.groups:
+        grp.module.threshold.data.fill_(-0.7)
+    batch = {"input_ids": inputs()["input_ids"]}   # (BERT reads a padding mask back itself)
+
+    def train_forward_backward():
+        model(**batch, labels=torch.tensor([0, 1, 0])).loss.backward()
+
+    def evaluate():
+        with torch.no_grad():
+            model(**batch)
+    reads = [_count_host_reads(monkeypatch, train_forward_backward),
+             _count_host_reads(monkeypatch, evaluate)]
+    assert reads == [1, 0], reads   # one read per training forward (lambda), as without multiple_of
+    assert all(int(m.sum()) % grp.module.multiple_of == 0 for grp, m in zip(pruner.groups, pruner.unit_masks()))

@@ -437,3 +437,46 @@ def test_param_groups_with_a_directly_built_pruner():
         return   # a clear error would do
     ids = [i for g in groups for i in _ids(g["params"])]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# params.multiple_of
+# ----------------------------------------------------------------------------------------------
+
+
+def test_multiple_of_reaches_the_groups():
+    config = group("head", lambda g: g["params"].update(multiple_of=2))
+    assert {r.name: r.multiple_of for r in split_config(config)[1].rules()} == {"head": 2, "ffn_rows": 1,
+                                                                                 "ffn_out": 1}
+    pruner = build(config)
+    assert {g.plan.rule.granularity: g.module.multiple_of for g in pruner.groups}["head"] == 2
+
+
+@pytest.mark.parametrize("value", [0, -4])
+def test_multiple_of_must_be_positive(value):
+    assert_error(lambda: split_config(group("head", lambda g: g["params"].update(multiple_of=value))),
+                 f"{LEAP}.different_groups.head.params.multiple_of", repr(value))
+
+
+@pytest.mark.parametrize("value", [2.0, "8", True])
+def test_multiple_of_must_be_an_integer(value):
+    assert_error(lambda: split_config(group("head", lambda g: g["params"].update(multiple_of=value))),
+                 f"{LEAP}.different_groups.head.params.multiple_of", repr(value))
+
+
+@pytest.mark.parametrize("name", ["ffn_rows", "ffn_out"])
+def test_multiple_of_only_with_head_or_channel(name):
+    msg = assert_error(lambda: split_config(group(name, lambda g: g["params"].update(multiple_of=4))),
+                       f"{LEAP}.different_groups.{name}.params", "multiple_of")
+    assert "'head' or 'channel'" in msg
+
+
+def test_multiple_of_above_the_units_per_matrix_is_refused():
+    # tiny BERT: 4 heads per attention layer, 64 FFN channels
+    assert_error(lambda: build(group("head", lambda g: g["params"].update(multiple_of=5))),
+                 f"{LEAP}.different_groups.head.params.multiple_of", "5", "4 head units", "<= 4")
+    channels = tm.ds_config(leap=tm.leap_section(
+        {"ffn": {**tm.FFN_CHANNELS["ffn"], "params": {"granularity": "channel", "multiple_of": 65}}}))
+    assert_error(lambda: build(channels), f"{LEAP}.different_groups.ffn.params.multiple_of", "65", "64")
+    # equal to the unit count is allowed (then every unit is kept)
+    build(group("head", lambda g: g["params"].update(multiple_of=4)))

@@ -27,10 +27,14 @@ class LeapGroup(nn.Module):
     pruner after each optimizer step).
     """
 
+    multiple_of = 1   # (class default: groups pickled before the setting existed)
+
     def __init__(self, num_units: int, threshold_init: float = 10.0, learned_scores: bool = False,
-                 fused: bool = False, shared_scores: bool = False, num_sets: int = 1):
+                 fused: bool = False, shared_scores: bool = False, num_sets: int = 1, multiple_of: int = 1):
         super().__init__()
         self.num_units = num_units
+        # k rounded up to a multiple of this (hardware-friendly widths), at most num_units
+        self.multiple_of = multiple_of
         # uniform groups: num_sets layers share the threshold, each with its own scores
         self.num_sets = num_sets
         self.threshold = nn.Parameter(torch.full((1,), float(threshold_init)))
@@ -63,7 +67,8 @@ class LeapGroup(nn.Module):
         """Returns (unit mask, keep ratio), both float32; or, given the ``weight``
         of a group whose units are single weights, (masked weight, keep ratio).
 
-        The keep ratio's value is the exact fraction kept, ceil(sigmoid(theta) n) / n,
+        The keep ratio's value is the exact fraction kept, k / n (k = ceil(sigmoid(theta) n),
+        rounded up to a multiple of ``multiple_of``),
         its gradient that of sigmoid(theta) (straight-through): the regulariser
         then sees the weights actually kept. With coarse units (12 heads) the
         ceiling alone would otherwise leave the model up to a unit per group
@@ -93,15 +98,24 @@ class LeapGroup(nn.Module):
         if weight is not None:
             # one unit per weight: on the CPU the bracketed k-th magnitude (k read on the host)
             # is fastest; on an accelerator k and the cut stay on the device
-            k = kept_units(float(self.threshold.detach().float()), self.num_units) \
-                if select_on_host(weight) else kept_units_tensor(self.threshold, self.num_units)
+            k = self.kept_units() if select_on_host(weight) else self.kept_units_tensor()
             keep = keep + (k / self.num_units - keep).detach()
             self._record(keep, record, set_index)
             return masked_weight(weight, self.threshold, scores, k), keep
-        k = kept_units_tensor(self.threshold, self.num_units)
+        k = self.kept_units_tensor()
         keep = keep + (k / self.num_units - keep).detach()
         self._record(keep, record, set_index)
         return topk_mask(scores, self.threshold, k), keep
+
+    def kept_units_tensor(self) -> torch.Tensor:
+        """Units kept (per set) at the current threshold, on its device."""
+        return kept_units_tensor(self.threshold, self.num_units, self.multiple_of)
+
+    def kept_units(self, threshold_value: float | None = None) -> int:
+        """Units kept (per set) at ``threshold_value`` (default: the current threshold), on the host."""
+        if threshold_value is None:
+            threshold_value = float(self.threshold.detach().float())
+        return kept_units(threshold_value, self.num_units, self.multiple_of)
 
     def _record(self, keep: torch.Tensor, record: bool, set_index: int) -> None:
         if record and set_index not in self.pending_keep and torch.is_grad_enabled() and not _in_backward():
@@ -109,4 +123,5 @@ class LeapGroup(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "learned" if self.scores is not None else "magnitude"
-        return f"units={self.num_units}, scores={kind}"
+        multiple = f", multiple_of={self.multiple_of}" if self.multiple_of > 1 else ""
+        return f"units={self.num_units}, scores={kind}{multiple}"

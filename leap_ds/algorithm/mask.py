@@ -1,6 +1,7 @@
 """Hard top-k mask with a learnable keep ratio (straight-through gradients).
 
     r = sigmoid(theta),  k = ceil(r * n),  m = 1 on the k highest scores
+    (with ``multiple_of`` N > 1: k rounded up to a multiple of N, at most n)
     dL/dscores = dL/dm,  dL/dtheta = sum(dL/dm * m)
 
 as in the authors' ``TopKBinarizer`` (MLPruning, binarizer.py).
@@ -18,11 +19,14 @@ def keep_ratio(threshold: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(threshold.float())
 
 
-def kept_units_tensor(threshold: torch.Tensor, num_units: int) -> torch.Tensor:
-    """k = ceil(sigmoid(theta) * n) as a tensor on theta's device: no host synchronisation."""
-    # float64, as kept_units computes it on the host: the same k to the last bit
-    k = torch.ceil(keep_ratio(threshold.detach()).reshape(()).double() * num_units)
-    return k.clamp(max=num_units).to(torch.int64)
+def kept_units_tensor(threshold: torch.Tensor, num_units: int, multiple_of: int = 1) -> torch.Tensor:
+    """k = min(n, N ceil(ceil(sigmoid(theta) n) / N)) as an int64 tensor on theta's device (no
+    host synchronisation); N = ``multiple_of`` (1: k = ceil(sigmoid(theta) n)). The one place k
+    is computed: :func:`kept_units` reads this back on the host."""
+    k = torch.ceil(keep_ratio(threshold.detach()).reshape(()).double() * num_units).to(torch.int64)
+    if multiple_of > 1:   # integer arithmetic, exact
+        k = torch.div(k + (multiple_of - 1), multiple_of, rounding_mode="floor") * multiple_of
+    return k.clamp(max=num_units)
 
 
 def topk_bool_by_rank(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -58,10 +62,11 @@ def select_on_host(tensor: torch.Tensor) -> bool:
 HOST_SELECTION_ON_CPU = True
 
 
-def kept_units(threshold_value: float, num_units: int) -> int:
-    """k = ceil(sigmoid(theta) * n), computed the same way everywhere."""
-    r = float(torch.sigmoid(torch.tensor(float(threshold_value), dtype=torch.float32)))
-    return min(num_units, math.ceil(r * num_units))
+def kept_units(threshold_value: float, num_units: int, multiple_of: int = 1) -> int:
+    """k of :func:`kept_units_tensor` for a threshold value on the host (theta rounded to float32
+    first, as the forward computes it)."""
+    theta = torch.tensor(float(threshold_value), dtype=torch.float32)
+    return int(kept_units_tensor(theta, num_units, multiple_of))
 
 
 _SAMPLE = 8192

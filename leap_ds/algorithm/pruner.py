@@ -25,7 +25,7 @@ from torch import nn
 
 from .group import LeapGroup
 from .masked import LeapMasked, mask_module, unmask_module
-from .mask import kept_units, topk_bool
+from .mask import topk_bool
 from .regularizer import DEFAULT_DENSITY_TOLERANCE, adaptive_lambda, density_regularizer, global_density
 from .selection import GroupPlan, GroupRule, LeapConfigError, Member, plan_groups
 
@@ -160,11 +160,18 @@ class LeapPruner:
             learned = plan.rule.score == "learned"
             layout = plan.members[0].layout
             fused = not shared and layout.weights_per_unit == 1 and not layout.masks_bias
+            multiple_of = getattr(plan.rule, "multiple_of", 1)
+            if multiple_of > layout.num_units:
+                raise LeapConfigError(
+                    f"compression_training.leap.different_groups.{plan.rule.name}.params.multiple_of: "
+                    f"{multiple_of} exceeds the {layout.num_units} {plan.rule.granularity} units of "
+                    f"{plan.name!r}, so every unit would always be kept; choose a value <= "
+                    f"{layout.num_units} (e.g. a divisor of it), or remove multiple_of")
             if plan.set_index > 0:
                 group = uniform[plan.rule.name]
             else:
                 group = LeapGroup(layout.num_units, threshold_init, learned_scores=learned, fused=fused,
-                                  shared_scores=shared, num_sets=plan.num_sets
+                                  shared_scores=shared, num_sets=plan.num_sets, multiple_of=multiple_of
                                   ).to(plan.members[0].module.weight.device)
                 if shared:
                     owner = model.get_submodule(plan.owner_name)
@@ -219,7 +226,8 @@ class LeapPruner:
         (``engine.backward`` and a model output ``loss`` do it for you).
 
         R = sum_g kept_g / sum_g N_g counts the weights each group keeps,
-        ceil(sigmoid(theta_g) n_g) units, with the gradient of the closed form
+        ceil(sigmoid(theta_g) n_g) units (rounded up to a multiple of the group's
+        ``multiple_of``), with the gradient of the closed form
         sum_g sigmoid(theta_g) N_g / sum_g N_g. The keep ratios come from the
         forward pass, where ZeRO-3 had gathered each threshold anyway.
         """
@@ -352,7 +360,7 @@ class LeapPruner:
         thetas = self.thresholds()
         rows, kept_total, total = [], 0, 0
         for g, theta in zip(self.groups, thetas):
-            k = kept_units(theta, g.num_units) if self.pruning_active else g.num_units
+            k = g.module.kept_units(theta) if self.pruning_active else g.num_units
             kept = k * g.weights_per_unit
             kept_total, total = kept_total + kept, total + g.num_weights
             rows.append({
@@ -392,7 +400,7 @@ class LeapPruner:
             w = _logical_weight(g.members[0])
             if not g.module.pruning_active:
                 return torch.ones_like(w, dtype=torch.bool)
-            k = kept_units(float(g.module.threshold.float()), g.num_units)
+            k = g.module.kept_units()
             return topk_bool(g.module.scores.view(w.shape) if g.learned else w.abs(), k)
         scores = g.members[0].layout.unit_sq_norms(_logical_weight(g.members[0])) \
             if g.module.needs_weight_scores else None

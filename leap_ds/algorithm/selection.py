@@ -41,6 +41,7 @@ class GroupRule:
     related_modules: list[str] = field(default_factory=list)
     allow_dead_weights: bool = False
     uniform: bool = False      # head/channel: one threshold for every matched layer
+    multiple_of: int = 1       # head/channel: keep a multiple of this many units per matrix
 
 
 @dataclass

@@ -43,6 +43,9 @@ class GroupParams(_Strict):
     # head / channel: one threshold for every matched layer, so every layer keeps the same
     # number of units (a compact model that plain transformers configs can express)
     uniform: Annotated[bool, Field(strict=True)] = False
+    # head / channel: each matrix keeps a multiple of this many units (hardware-friendly widths;
+    # all of them when there are fewer); values above a matrix's unit count are refused at attach
+    multiple_of: Int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _block(self):
@@ -60,6 +63,9 @@ class GroupParams(_Strict):
             raise ValueError("allow_dead_weights is only used with granularity 'row' or 'column'")
         if self.granularity not in ("head", "channel") and self.uniform:
             raise ValueError("uniform is only used with granularity 'head' or 'channel'")
+        if self.granularity not in ("head", "channel") and self.multiple_of != 1:
+            raise ValueError(f"multiple_of is only used with granularity 'head' or 'channel', not "
+                             f"{self.granularity!r}: remove it, or set granularity 'head' or 'channel'")
         return self
 
 
@@ -117,7 +123,7 @@ class LeapSection(_Strict):
                           score=g.params.score or shared.score, block=g.params.block_size,
                           num_heads=g.params.num_heads, num_kv_heads=g.params.num_kv_heads,
                           related_modules=g.related_modules, allow_dead_weights=g.params.allow_dead_weights,
-                          uniform=g.params.uniform)
+                          uniform=g.params.uniform, multiple_of=g.params.multiple_of)
                 for name, g in self.different_groups.items()]
 
     def pruner_settings(self) -> dict:
