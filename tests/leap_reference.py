@@ -33,12 +33,12 @@ def is_conv1d(module) -> bool:
 
 def logical_weight(module) -> np.ndarray:
     """(out_features, in_features) as float64 numpy."""
-    w = module.weight.detach().double().numpy()
+    w = module.weight.detach().double().cpu().numpy()
     return w.T.copy() if is_conv1d(module) else w.copy()
 
 
 def bias_of(module):
-    return None if module.bias is None else module.bias.detach().double().numpy().copy()
+    return None if module.bias is None else module.bias.detach().double().cpu().numpy().copy()
 
 
 def unit_slices(gran, rows, cols, block=None, role=None, head_dim=None):

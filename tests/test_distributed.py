@@ -22,6 +22,21 @@ def assert_same_trajectory(run, ref):
     assert run["report"]["global_density"] == ref["report"]["global_density"]
 
 
+def assert_finalized_as_reference(rep, fin):
+    """finalize zeroed exactly the positions that masks computed independently from the gathered
+    thresholds and weights prune (tests/leap_reference.py, in the worker before finalize): in the
+    module weights and the fp32 master, biases of pruned rows too; kept weights are untouched."""
+    assert fin["checked_modules"] == sorted(m for g in rep["groups"] for m in g["modules"])
+    assert fin["total"] == rep["prunable_weights"]
+    assert 0 < fin["expected_zeros"] == rep["prunable_weights"] - rep["kept_weights"]
+    assert fin["missing_master"] == []
+    for what, per_module in fin["wrong"].items():
+        assert len(per_module) == len(fin["checked_modules"]), what
+        assert not any(per_module.values()), (what, {n: c for n, c in per_module.items() if c})
+    # (random init has no exact zeros, so the counts agree too)
+    assert fin["zeros"] == fin["master_zeros"] == fin["expected_zeros"]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     from tests.conftest import load_ranks, torchrun, ROOT
@@ -74,12 +89,9 @@ def test_zero3_partitions_leap_parameters(run_tiny):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_finalize_zeroes_pruned_weights_and_fp32_master(stage, run_tiny):
     ranks = run_tiny(nproc=2, stage=stage, steps=STEPS, finalize=True)
+    assert ranks[0]["report"] == ranks[1]["report"]
     for r in ranks:
-        rep, fin = r["report"], r["finalize"]
-        assert fin["total"] == rep["prunable_weights"]
-        # exactly the unkept weights are zero (random init has no exact zeros)
-        assert fin["zeros"] == rep["prunable_weights"] - rep["kept_weights"]
-        assert fin["master_zeros"] == fin["zeros"]
+        assert_finalized_as_reference(r["report"], r["finalize"])
 
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
@@ -104,9 +116,9 @@ def test_bf16_two_ranks_prune_and_finalize(stage, run_tiny):
     """Parameters (thresholds too) are cast to bf16; keep ratios are computed in fp32."""
     ranks = run_tiny(nproc=2, stage=stage, steps=STEPS, precision="bf16", finalize=True)
     assert ranks[0]["report"] == ranks[1]["report"]
-    rep, fin = ranks[0]["report"], ranks[0]["finalize"]
-    assert rep["global_density"] < 0.85
-    assert fin["zeros"] == fin["master_zeros"] == rep["prunable_weights"] - rep["kept_weights"]
+    assert ranks[0]["report"]["global_density"] < 0.85
+    for r in ranks:
+        assert_finalized_as_reference(r["report"], r["finalize"])
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -136,8 +148,7 @@ def test_pieces_on_a_plain_deepspeed_engine_match_at_zero3(reference, run_tiny):
     ranks = run_tiny(nproc=2, stage=3, steps=STEPS, pieces=True, finalize=True)
     for rank in ranks:
         assert_same_trajectory(rank, reference)
-        rep, fin = rank["report"], rank["finalize"]
-        assert fin["zeros"] == fin["master_zeros"] == rep["prunable_weights"] - rep["kept_weights"]
+        assert_finalized_as_reference(rank["report"], rank["finalize"])
 
 
 def test_uniform_groups_match_across_ranks_at_zero3(run_tiny):

@@ -20,22 +20,66 @@ from tests import tiny_models as tm  # noqa: E402
 
 
 def finalize_check(engine):
-    """finalize, then count exact zeros in every pruned matrix (model copy and fp32 master)."""
+    """finalize, then compare the positions of exact zeros with masks computed independently.
+
+    Before finalize: every group's threshold and the full (gathered) weights and biases, and from
+    them the hard masks by tests/leap_reference.py (k = ceil(sigmoid(theta) n) units of largest
+    squared L2 norm, unit layout written by hand), not by leap_ds's mask code. After finalize: in
+    the module weights and the fp32 master (safe_get_full_fp32_param) exactly the positions the
+    reference prunes are zero; kept weights are unchanged; biases of pruned rows are zero (module
+    and master), every other bias unchanged (a bias may be 0 by itself: HF initialises them so).
+    Counts per module of every disagreement go to the result (all 0 when finalize is right)."""
+    import numpy as np
     from deepspeed.utils import safe_get_full_fp32_param
-    engine.leap.finalize()
-    zeros = master_zeros = total = 0
-    for g in engine.leap.groups:
-        for m in g.members:
-            w = m.module.weight
-            with deepspeed.zero.GatheredParameters([w]):
-                zeros += int((w.data == 0).sum())
-                total += w.numel()
-            master = safe_get_full_fp32_param(w)
-            if master is not None:
-                master_zeros += int((master == 0).sum())
     from leap_ds.algorithm.masked import LeapMasked
+    from tests.leap_reference import bert_hybrid_spec, bias_of, is_conv1d, logical_weight, reference_masks
+
+    model = engine.module
+    spec = bert_hybrid_spec()
+    modules = {n: model.get_submodule(n) for _, names, _, _ in spec for n in names}
+    thresholds = []
+    for _, names, _, _ in spec:   # the LEAP group made of exactly these matrices: its threshold
+        (g,) = [g for g in engine.leap.groups if sorted(m.name for m in g.members) == sorted(names)]
+        thresholds.append(g.module.threshold)
+    params = thresholds + [p for m in modules.values() for p in (m.weight, m.bias) if p is not None]
+    with deepspeed.zero.GatheredParameters(params):    # ZeRO-3: full tensors on every rank
+        thetas = [float(t.detach().float()) for t in thresholds]
+        before = {n: (logical_weight(m), bias_of(m)) for n, m in modules.items()}
+    masks, _ = reference_masks({n: w for n, (w, _) in before.items()}, spec, thetas)
+
+    engine.leap.finalize()
+
+    def logical(t, module):
+        t = t.detach().double().cpu().numpy()
+        return t.T if is_conv1d(module) and t.ndim == 2 else t
+
+    wrong = {k: {} for k in ("zeros", "master_zeros", "kept_changed", "bias", "master_bias")}
+    zeros = master_zeros = total = expected_zeros = 0
+    missing_master = []
+    for n, m in modules.items():
+        wm, bm = masks[n]
+        w0, b0 = before[n]
+        with deepspeed.zero.GatheredParameters([p for p in (m.weight, m.bias) if p is not None]):
+            w, b = logical_weight(m), bias_of(m)
+        master = safe_get_full_fp32_param(m.weight)
+        master_b = safe_get_full_fp32_param(m.bias) if m.bias is not None else None
+        bias_keep = bm if bm is not None else np.ones_like(b0)   # only whole-row units mask the bias
+        wrong["zeros"][n] = int(np.sum((w == 0) != (wm == 0)))
+        wrong["kept_changed"][n] = int(np.sum(w[wm == 1] != w0[wm == 1]))
+        wrong["bias"][n] = int(np.sum(b != b0 * bias_keep))
+        if master is None or master_b is None:
+            missing_master.append(n)
+        else:
+            mw = logical(master, m)
+            wrong["master_zeros"][n] = int(np.sum((mw == 0) != (wm == 0)))
+            wrong["master_bias"][n] = int(np.sum(logical(master_b, m)[bias_keep == 0] != 0))
+            master_zeros += int((mw == 0).sum())
+        zeros += int((w == 0).sum())
+        total += w.size
+        expected_zeros += int((wm == 0).sum())
     assert not any(isinstance(m.module, LeapMasked) for g in engine.leap.groups for m in g.members)
-    return {"zeros": zeros, "master_zeros": master_zeros, "total": total}
+    return {"zeros": zeros, "master_zeros": master_zeros, "total": total, "expected_zeros": expected_zeros,
+            "checked_modules": sorted(modules), "wrong": wrong, "missing_master": missing_master}
 
 
 def main():
@@ -64,6 +108,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1)
     args = ap.parse_args()
+    if args.finalize and (args.model, args.groups) != ("bert", "hybrid"):
+        ap.error("--finalize checks against the hand-written masks of the hybrid BERT groups only")
 
     # the accelerator's backend: gloo on CPU, NCCL on GPUs (the GPU check runs this worker)
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=True)
