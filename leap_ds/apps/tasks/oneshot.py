@@ -14,9 +14,37 @@ import math
 import torch
 
 
+def kept_units(group, ratio: float) -> int:
+    """ceil(ratio n) units, rounded up as the group rounds its own k (``multiple_of``)."""
+    n, multiple = group.num_units, getattr(group.module, "multiple_of", 1)
+    k = min(n, math.ceil(ratio * n))
+    return min(n, -(-k // multiple) * multiple)
+
+
 def _global_density(groups, ratio: float) -> float:
-    kept = sum(min(g.num_units, math.ceil(ratio * g.num_units)) * g.weights_per_unit for g in groups)
+    kept = sum(kept_units(g, ratio) * g.weights_per_unit for g in groups)
     return kept / sum(g.num_weights for g in groups)
+
+
+def closest_ratio(groups, target: float) -> float:
+    """The keep ratio whose global density is the closest to ``target`` (the smaller on a tie).
+
+    The density is a non-decreasing step function of the ratio, so bisection finds the step
+    that crosses the target: ``low`` (density below it) and ``high`` (at or above it). Listing
+    every k/n instead is millions of candidates for unstructured groups of an LLM.
+    """
+    low, high = 0.0, 1.0
+    if _global_density(groups, high) < target:
+        return high
+    for _ in range(64):   # far below any 1/n: the two ends sit on either side of one step
+        mid = (low + high) / 2
+        if _global_density(groups, mid) >= target:
+            high = mid
+        else:
+            low = mid
+    if low > 0 and abs(_global_density(groups, low) - target) <= abs(_global_density(groups, high) - target):
+        return low
+    return high
 
 
 def oneshot_magnitude(model, section, target: float):
@@ -27,12 +55,10 @@ def oneshot_magnitude(model, section, target: float):
     groups = pruner.groups
     if any(g.learned for g in groups):
         raise ValueError("one-shot magnitude pruning ranks by magnitude; a group uses learned scores")
-    # every distinct keep ratio k/n of some group; the one whose density is closest to the target
-    candidates = sorted({k / g.num_units for g in groups for k in range(1, g.num_units + 1)})
-    ratio = min(candidates, key=lambda r: (abs(_global_density(groups, r) - target), r))
+    ratio = closest_ratio(groups, target)
     with torch.no_grad():
         for g in groups:
-            k = min(g.num_units, math.ceil(ratio * g.num_units))
+            k = kept_units(g, ratio)
             # theta whose ceil(sigmoid(theta) n) is exactly k, whatever the float rounding
             keep = (k - 0.5) / g.num_units
             g.module.threshold.fill_(math.log(keep / (1 - keep)))
