@@ -82,12 +82,36 @@ def test_shipped_configs_fit_the_default_min_steps(config):
     assert not budget.budget_is_enough(lambda n: fill_auto(raw, n), section.shared_parameters, 31)
 
 
+def _job_args(argv, task="classification"):
+    from leap_ds.apps.tasks import fill_defaults
+    from leap_ds.apps.train import build_parser
+    args = build_parser().parse_args(argv)
+    fill_defaults(args, task)
+    return args
+
+
 def test_default_pruning_length():
     """Epochs with a floor of --min-steps: the embedded job keeps its 198 steps, small data gets the floor."""
-    from leap_ds.apps.train import build_parser, pruning_steps
+    from leap_ds.apps.train import pruning_steps
     default = json.load(open(Path(ROOT) / "ds_configs" / "default.json"))
-    args = build_parser().parse_args([])
+    args = _job_args([])
     assert pruning_steps(args, 11527, default, 2) == int(11527 // 32 * 0.55) == 198
     assert pruning_steps(args, 1886, default, 2) == MIN_PRUNING_STEPS
-    assert pruning_steps(build_parser().parse_args(["--max-steps", "20"]), 1886, default, 2) == 20
-    assert pruning_steps(build_parser().parse_args(["--min-steps", "40"]), 1886, default, 2) == 40
+    assert pruning_steps(_job_args(["--max-steps", "20"]), 1886, default, 2) == 20
+    assert pruning_steps(_job_args(["--min-steps", "40"]), 1886, default, 2) == 40
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_each_task_default_job_reaches_its_target_in_its_steps(task):
+    """Each task's default config and minimum steps pass the budget check, and an explicit flag
+    wins over the task's default."""
+    from leap_ds.apps.tasks import task_classes
+    from leap_ds.apps.train import load_ds_config
+    defaults = task_classes()[task].defaults
+    args = _job_args([], task)
+    assert (args.deepspeed_config, args.min_steps, args.epochs) == (
+        defaults["deepspeed_config"], defaults["min_steps"], defaults["epochs"])
+    raw, section = load_ds_config(args)
+    assert budget.budget_is_enough(lambda n: fill_auto(raw, n), section.shared_parameters, args.min_steps)
+    assert _job_args(["--min-steps", "7", "--deepspeed_config", "head"], task).min_steps == 7
+    assert _job_args(["--deepspeed_config", "head"], task).deepspeed_config == "head"

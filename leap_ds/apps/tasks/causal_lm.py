@@ -61,6 +61,10 @@ class CausalLMTask(Task):
     higher_is_better = False
     fine_tunes_teacher = False
     distill_hidden = False
+    # the embedded job: SmolLM2-135M on the Rotten Tomatoes snippets, sized for 2 CPU ranks
+    # (README: "The default LLM job"); llama_unstructured.json needs DEFAULT_MIN_STEPS_NOTE
+    defaults = {"model": "smollm2-135m", "deepspeed_config": "llama_unstructured.json", "block_size": 64,
+                "epochs": 0.1, "min_steps": 80, "max_eval_samples": 64}
 
     def check_model_config(self, config):
         from ..train import UsageError
