@@ -102,6 +102,51 @@ def test_trainer_zero3_from_partitioned_model(tmp_path):
     check_export(tmp_path / "export", ranks[0]["full"]["report"])
 
 
+def test_trainer_ddp_without_deepspeed_matches_one_process(tmp_path):
+    """LeapTrainer without DeepSpeed (leap_config=): DDP on 2 gloo ranks under torchrun equals a
+    plain one-process Trainer fed the same global batches (same seed, global batch 8, dropout off),
+    checkpoints carry LEAP's state, and the export is a finalized plain transformers model."""
+    import subprocess
+    from safetensors.torch import load_file
+    worker = os.path.join(ROOT, "tests/workers/hf_trainer_tiny.py")
+    steps, save_at = 30, 15
+    common = ["--no-deepspeed", "--steps", steps, "--save-at", save_at, "--global-batch", 8]
+    one_dir, ddp_dir = tmp_path / "one", tmp_path / "ddp"
+    # the one-process run (plain python, no launcher) beside the 2-rank one
+    cmd = [sys.executable, worker, *map(str, common), "--tmp", one_dir, "--out", one_dir / "res"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dist_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        torchrun(2, worker, *common, "--tmp", ddp_dir, "--out", ddp_dir / "res")
+    finally:
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    (one,) = [r["full"] for r in load_ranks(one_dir / "res", 1)]
+    ddp = [r["full"] for r in load_ranks(ddp_dir / "res", 2)]
+
+    assert one["wrapped_in"] == "BertForSequenceClassification"   # one process: no wrapper
+    assert one["report"]["global_density"] < 0.7 and one["densities"][0] > one["densities"][-1]   # it pruned
+    for res in ddp:
+        assert res["wrapped_in"] == "DistributedDataParallel"
+        close(res["thresholds"], one["thresholds"])
+        close(res["losses"], one["losses"])
+        assert res["densities"] == one["densities"]
+        assert res["report"]["global_density"] == one["report"]["global_density"]
+        assert res["global_step"] == res["leap_step"] == steps
+        # the Trainer's own optimizer: LEAP's groups with their lr (0.1 after warmup), no weight decay
+        assert res["leap_groups"] and all(g["weight_decay"] == 0.0 and g["lr"] == pytest.approx(0.1)
+                                          for g in res["leap_groups"])
+    assert json.load(open(ddp_dir / "full" / f"checkpoint-{save_at}" / "leap_state.json"))["step"] == save_at
+    check_export(ddp_dir / "export", ddp[0]["report"])
+    # the DDP export is the one-process export: the same pruned positions, the same weights. This is
+    # the sharp check: the logged loss is mostly lambda * L_reg and the thresholds move by about their
+    # lr each step, so those agree even when the ranks see other batches; the weights do not.
+    got, want = load_file(ddp_dir / "export" / "model.safetensors"), load_file(one_dir / "export" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name] == 0, want[name] == 0), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def run_example(script, *args, nproc=None, timeout=600):
     """An example as a user runs it: under torchrun (DeepSpeed), or plain python."""
     import subprocess

@@ -6,6 +6,8 @@ Runs (each rank writes <out>.rank<r>.json):
 - resumed:   LeapTrainer resumed from that checkpoint to --steps;
 - accum:     (--accum-check) gradient accumulation 2 with half the micro batch;
 - reference: the leap_ds.initialize loop fed the same global batches in the same order.
+With --no-deepspeed only `full` runs, LEAP given by leap_config=: plain Trainer (python, one
+process) or DDP (torchrun, gloo on CPU); the test compares the two.
 Trainer's sampler is sequential and accelerate gives rank r the r-th micro batch of each
 global batch: rows [r*B/W, (r+1)*B/W), as the reference loop takes them.
 """
@@ -59,20 +61,30 @@ def trainer_config(stage, world, global_batch, accum, auto):
 
 
 def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
-    cfg = trainer_config(a.stage, world, a.global_batch, accum, auto=a.stage == 3)
+    if a.no_deepspeed:
+        # no DeepSpeed: LEAP from leap_config=, the optimizer and schedule are the Trainer's own;
+        # under torchrun the Trainer wraps the model in DDP (on CPU: use_cpu, gloo, as HF documents;
+        # accelerate fails on a backend named for one process)
+        ds, leap_config = None, {"compression_training": tm.leap_section(tm.HYBRID_BERT)}
+        extra = {} if torch.cuda.is_available() else dict(use_cpu=True, ddp_backend="gloo" if world > 1 else None)
+        schedule = "constant_with_warmup"
+    else:
+        ds, leap_config, extra = trainer_config(a.stage, world, a.global_batch, accum, auto=a.stage == 3), None, {}
+        schedule = "constant"   # the DeepSpeed config's WarmupLR schedules
     # ZeRO-3: LeapTrainingArguments, as from_pretrained below partitions the model under their config;
     # ZeRO-2: plain TrainingArguments, LeapTrainer takes the section out
-    args = (LeapTrainingArguments if a.stage == 3 else TrainingArguments)(
-        output_dir=out_dir, deepspeed=cfg, per_device_train_batch_size=a.global_batch // world // accum,
+    args = (LeapTrainingArguments if a.stage == 3 and ds else TrainingArguments)(
+        output_dir=out_dir, deepspeed=ds, per_device_train_batch_size=a.global_batch // world // accum,
         gradient_accumulation_steps=accum, max_steps=a.steps, learning_rate=LR, weight_decay=0.01,
-        lr_scheduler_type="constant", warmup_steps=tm.WARMUP_STEPS, logging_steps=1, save_strategy="steps", save_steps=a.save_at,
-        train_sampling_strategy="sequential", report_to=[], disable_tqdm=True, seed=0)
+        lr_scheduler_type=schedule, warmup_steps=tm.WARMUP_STEPS, logging_steps=1, save_strategy="steps",
+        save_steps=a.save_at, train_sampling_strategy="sequential", report_to=[], disable_tqdm=True, seed=0,
+        **extra)
     # at ZeRO-3 the model is loaded under the Trainer's DeepSpeed config: zero.Init partitions it
     model = BertForSequenceClassification.from_pretrained(a.model_dir) if a.model_dir else tm.tiny_bert()
     partitioned = any(hasattr(p, "ds_tensor") for p in model.parameters())
     record = RecordLoss()
     trainer = LeapTrainer(model=model, args=args, train_dataset=samples(tm.batches(a.steps, a.global_batch)),
-                          callbacks=[record])
+                          callbacks=[record], leap_config=leap_config)
     trainer.train(resume_from_checkpoint=resume)
     rep = trainer.leap.report()
     inner = inner_optimizer(unwrap_optimizer(trainer.optimizer))
@@ -84,7 +96,8 @@ def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
     result = {"losses": record.losses, "densities": record.densities, "report": rep,
               "thresholds": [g["threshold"] for g in rep["groups"]], "leap_step": trainer.leap.step,
               "global_step": trainer.state.global_step, "partitioned_at_load": partitioned,
-              "leap_groups": leap_groups, "log_keys": sorted(trainer.state.log_history[0])}
+              "leap_groups": leap_groups, "log_keys": sorted(trainer.state.log_history[0]),
+              "wrapped_in": type(trainer.model_wrapped).__name__}
     if export_dir:
         trainer.save_model(export_dir)
     return result
@@ -148,10 +161,19 @@ def main():
     ap.add_argument("--model-dir", default=None, help="load the tiny BERT with from_pretrained (ZeRO-3: zero.Init)")
     ap.add_argument("--accum-check", action="store_true")
     ap.add_argument("--errors-check", action="store_true")
+    ap.add_argument("--no-deepspeed", action="store_true",
+                    help="only the full run, without DeepSpeed: one process (python) or DDP (torchrun)")
     ap.add_argument("--tmp", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
+    if a.no_deepspeed:   # the Trainer sets up torch.distributed itself under torchrun
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        result = {"rank": rank, "world": world,
+                  "full": run_trainer(a, world, os.path.join(a.tmp, "full"), export_dir=os.path.join(a.tmp, "export"))}
+        with open(f"{a.out}.rank{rank}.json", "w") as f:
+            json.dump(result, f)
+        return
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
