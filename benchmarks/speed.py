@@ -11,8 +11,16 @@ embedding sums) of the dense and compact models.
 
 Widths: every group keeps the same fraction of its units, the one that brings the
 global density of the structured groups to the target; which units go is decided by
-LEAP's magnitude scores (``topk`` of unit norms). A LEAP training run would choose
-per-layer widths instead; that is not what is measured here.
+LEAP's magnitude scores (``topk`` of unit norms).
+
+Widths learned by LEAP: ``--from-runs DIR [DIR ...]`` times the models of structured LEAP
+runs of the main job instead (each DIR an output directory of ``leap-ds train`` with
+``model/``, ``metrics.json`` and, when written, ``model-compact/``; otherwise ``model/`` is
+compacted with ``--config``), against the dense model of the same architecture, the same
+way (interleaved, medians, ideal FLOP ratio beside each):
+
+    python benchmarks/speed.py --from-runs runs/speed-0.7 runs/speed-0.5 runs/speed-0.3 \
+        --threads 1 --out benchmarks/results/speed_learned
 """
 from __future__ import annotations
 
@@ -185,7 +193,7 @@ def measure(model_name: str, args) -> list[dict]:
     for batch_size in batches:
         batch = probe(dense.config.vocab_size, batch_size)
         flops = {name: forward_flops(m, batch) for name, (m, _) in models.items()}
-        for threads in THREADS:
+        for threads in args.threads:
             torch.set_num_threads(threads)
             runs = args.runs if batch_size > 1 else args.runs * 4
             times = interleaved_medians({name: m for name, (m, _) in models.items()}, batch, runs, warmup)
@@ -207,17 +215,147 @@ def measure(model_name: str, args) -> list[dict]:
     return rows
 
 
+def loadavg() -> list[str]:
+    return open("/proc/loadavg").read().split()[:3]
+
+
+def width_summary(layers: dict) -> dict:
+    """Per-layer widths of a compact model (its ``leap_compact['layers']``), in layer order:
+    query heads of each attention layer, channels of each FFN."""
+    heads = [v["heads"] for v in layers.values() if v["granularity"] == "head"]
+    channels = [v["channels"] for v in layers.values() if v["granularity"] == "channel"]
+    return {"heads": heads, "channels": channels}
+
+
+def load_run(run_dir: str, config: str):
+    """(masked model from run_dir/model, compact model, metrics.json) of one main-job run."""
+    from transformers import AutoModelForSequenceClassification
+    from leap_ds.export import load_compact
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    masked = AutoModelForSequenceClassification.from_pretrained(os.path.join(run_dir, "model")).eval()
+    compact_dir = os.path.join(run_dir, "model-compact")
+    if os.path.isfile(os.path.join(compact_dir, "leap_compact.json")):
+        small = load_compact(compact_dir)
+    else:
+        small = compact(os.path.join(run_dir, "model"), config)
+    return masked, small.eval(), metrics
+
+
+def measure_runs(args) -> list[dict]:
+    """Dense vs the compact models of LEAP runs (widths learned by LEAP), all in one process."""
+    dense = load_minilm().eval()
+    models, info = {"dense": dense}, {}
+    for run_dir in args.from_runs:
+        name = os.path.basename(os.path.normpath(run_dir))
+        masked, small, metrics = load_run(run_dir, args.config)
+        check = probe(dense.config.vocab_size, 2, seed=1)
+        with torch.no_grad():
+            diff = (masked(**check).logits - small(**check).logits).abs().max().item()
+        widths = width_summary(small.leap_compact["layers"])
+        info[name] = {"run": os.path.relpath(os.path.abspath(run_dir), ROOT),
+                      "target_density": metrics["target_density"],
+                      "achieved_density": metrics["achieved_density"], "steps": metrics["steps"],
+                      "accuracy": metrics.get("accuracy"), "max_abs_logit_diff": diff, "widths": widths}
+        print(f"{name}: target {metrics['target_density']}, reached {metrics['achieved_density']:.4f}, "
+              f"compact == masked within {diff:.1e}, heads {widths['heads']}, channels {widths['channels']}",
+              flush=True)
+        del masked
+        models[name] = small
+
+    rows = []
+    for batch_size in args.batches:
+        batch = probe(dense.config.vocab_size, batch_size)
+        flops = {name: forward_flops(m, batch) for name, m in models.items()}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            runs = args.runs if batch_size > 1 else args.runs * 4
+            load_before = loadavg()
+            times = interleaved_medians(models, batch, runs, args.warmup)
+            load_after = loadavg()
+            for name, m in models.items():
+                if name == "dense":
+                    continue
+                measured = times["dense"] / times[name]
+                ideal = flops["dense"] / flops[name]
+                rows.append({"model": "all-MiniLM-L6-v2", "name": name, **info[name],
+                             "structured_density": info[name]["achieved_density"],
+                             "batch": batch_size, "threads": threads, "runs": runs, "warmup": args.warmup,
+                             "loadavg_before": load_before, "loadavg_after": load_after,
+                             "dense_s": times["dense"], "compact_s": times[name],
+                             "dense_parameters": parameter_count(dense), "compact_parameters": parameter_count(m),
+                             "measured_speedup": measured, "ideal_speedup": ideal,
+                             "fraction_of_ideal": measured / ideal})
+                print(f"batch {batch_size} threads {threads} {name}: dense {times['dense']*1e3:.1f} ms, "
+                      f"compact {times[name]*1e3:.1f} ms, x{measured:.2f} (ideal x{ideal:.2f}); load "
+                      f"{' '.join(load_before)} -> {' '.join(load_after)}", flush=True)
+    return rows
+
+
+def _ranges(values: list[int]) -> str:
+    return "/".join(str(v) for v in values)
+
+
+def write_learned_markdown(path, meta, rows):
+    lines = [
+        "# Inference speed with widths learned by LEAP: dense vs compact (CPU)",
+        "",
+        f"Machine: {meta['nproc']} CPUs ({meta['cpu']}), torch {meta['torch']}. Command: `{meta['command']}` "
+        f"({meta['seconds']} s). Load average (1/5/15 min) before {' / '.join(meta['loadavg_before'])}, after "
+        f"{' / '.join(meta['loadavg_after'])} (per measurement in the table): the machine is shared.",
+        "",
+        f"Sequence {meta['sequence']} tokens; medians of interleaved runs, as in the magnitude-width table. "
+        "Each compact model is a LEAP run's `model-compact/` (structured LEAP: heads + FFN channels); "
+        "widths per layer (layers 0-5) as LEAP learned them.",
+        "",
+        "| run | target | reached | heads per layer | FFN channels per layer | params compact | batch | threads | "
+        "runs (warm-up) | load 1-min | dense ms | compact ms | speed-up | ideal | % of ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w = r["widths"]
+        lines.append(
+            f"| {r['name']} | {r['target_density']} | {r['achieved_density']:.3f} | {_ranges(w['heads'])} | "
+            f"{_ranges(w['channels'])} | {r['compact_parameters'] / 1e6:.2f}M | {r['batch']} | {r['threads']} | "
+            f"{r['runs']} ({r['warmup']}) | {r['loadavg_before'][0]}-{r['loadavg_after'][0]} | "
+            f"{r['dense_s'] * 1e3:.1f} | {r['compact_s'] * 1e3:.1f} | {r['measured_speedup']:.2f}x | "
+            f"{r['ideal_speedup']:.2f}x | {100 * r['fraction_of_ideal']:.0f}% |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", default="all-MiniLM-L6-v2,SmolLM2-135M", help=f"comma-separated: {', '.join(MODELS)}")
     ap.add_argument("--smollm2-batch32", action="store_true", help="also time SmolLM2 at batch 32 (slow)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed"))
+    ap.add_argument("--out", default=None, help="output prefix (.md and .json; default "
+                    "benchmarks/results/speed, or speed_learned with --from-runs)")
+    ap.add_argument("--from-runs", nargs="+", metavar="DIR", help="time the compact models of these "
+                    "leap-ds train output directories (widths learned by LEAP) instead")
+    ap.add_argument("--config", default=CONFIG, help="--from-runs: the LEAP config to compact model/ with "
+                    "when a run has no model-compact/")
+    ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=list(THREADS),
+                    help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--batches", type=lambda v: [int(t) for t in v.split(",")], default=list(BATCHES),
+                    help="--from-runs: comma-separated batch sizes (default 1,32)")
     args = ap.parse_args()
     torch.manual_seed(0)
     uptime_before = open("/proc/loadavg").read().split()[:3]
     started = time.time()
+    if args.from_runs:
+        args.out = args.out or os.path.join(ROOT, "benchmarks", "results", "speed_learned")
+        rows = measure_runs(args)
+        meta = {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+                "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+                "loadavg_before": uptime_before, "loadavg_after": loadavg(),
+                "seconds": round(time.time() - started, 1), "runs": args.runs, "warmup": args.warmup,
+                "sequence": SEQUENCE}
+        with open(args.out + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_learned_markdown(args.out + ".md", meta, rows)
+        return
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", "speed")
 
     rows = []
     for model_name in args.models.split(","):
