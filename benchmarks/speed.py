@@ -261,6 +261,19 @@ def measure_runs(args) -> list[dict]:
               flush=True)
         del masked
         models[name] = small
+    if args.magnitude_too:   # the same densities with one keep fraction per group, in the same process
+        for density in sorted({round(v["target_density"], 6) for v in info.values()}, reverse=True):
+            masked = copy.deepcopy(dense)
+            reached = set_uniform_keep(leap_ds.attach(masked, args.config), density)
+            small = compact(masked)
+            name = f"magnitude-{density}"
+            info[name] = {"run": None, "target_density": density, "achieved_density": reached, "steps": 0,
+                          "accuracy": None, "max_abs_logit_diff": None,
+                          "widths": width_summary(small.leap_compact["layers"])}
+            print(f"{name}: one keep fraction per group, reached {reached:.4f}, widths {info[name]['widths']}",
+                  flush=True)
+            models[name] = small
+            del masked
 
     rows = []
     for batch_size in args.batches:
@@ -333,6 +346,8 @@ def main():
                     "benchmarks/results/speed, or speed_learned with --from-runs)")
     ap.add_argument("--from-runs", nargs="+", metavar="DIR", help="time the compact models of these "
                     "leap-ds train output directories (widths learned by LEAP) instead")
+    ap.add_argument("--magnitude-too", action="store_true", help="--from-runs: also time, in the same "
+                    "process, compact models at each run's target with one keep fraction per group (magnitude)")
     ap.add_argument("--config", default=CONFIG, help="--from-runs: the LEAP config to compact model/ with "
                     "when a run has no model-compact/")
     ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=list(THREADS),
