@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,15 +73,21 @@ def kept_units(threshold_value: float, num_units: int, multiple_of: int = 1) -> 
 _SAMPLE = 8192
 
 
-def _kth_largest_and_counts(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+def _kth_largest_and_counts(values: torch.Tensor, k: int, overwrite: bool = False) -> tuple[torch.Tensor, int, int]:
     """(t, greater, equal): the exact k-th largest value t of a flat tensor
     (1 <= k <= n) and how many values are > t and == t, cheaply for large n.
 
     A full selection over every weight of every matrix in every forward was
-    the whole of LEAP's step overhead. A fixed-stride sample brackets the
-    answer; an exact selection then runs on the values inside the bracket
-    only. If the bracket missed (it cannot silently), select over everything.
+    the whole of LEAP's step overhead. On the CPU (float32/64) numpy's
+    introselect partitions the values in one O(n) pass (about 5x faster than
+    ``torch.kthvalue``, and faster than bracketing a band first); ``overwrite``:
+    ``values`` is scratch and may be reordered in place (saves a copy).
+    Elsewhere a fixed-stride sample brackets the answer and an exact selection
+    runs on the values inside the bracket only; if the bracket missed (it
+    cannot silently), select over everything.
     """
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return _kth_largest_and_counts_numpy(values, k, overwrite)
     n = values.numel()
     if n > 8 * _SAMPLE:
         sample = values[:: n // _SAMPLE].contiguous()
@@ -100,6 +107,30 @@ def _kth_largest_and_counts(values: torch.Tensor, k: int) -> tuple[torch.Tensor,
             return t, above + int(torch.count_nonzero(band > t)), int(torch.count_nonzero(band == t))
     t = torch.kthvalue(values, n - k + 1).values
     return t, int(torch.count_nonzero(values > t)), int(torch.count_nonzero(values == t))
+
+
+def _kth_largest_and_counts_numpy(values: torch.Tensor, k: int, overwrite: bool) -> tuple[torch.Tensor, int, int]:
+    """:func:`_kth_largest_and_counts` for a CPU float tensor: ``ndarray.partition`` puts the
+    k-th largest at index n - k, everything below it <= t and everything above it >= t, so the
+    counts need a pass over each side only when a min/max reduction shows a tie (or a NaN)."""
+    flat = values.detach().reshape(-1)
+    a = flat.numpy() if overwrite else flat.numpy().copy()
+    n = a.size
+    j = n - k
+    a.partition(j)
+    t = a[j]
+    t_tensor = torch.tensor(float(t), dtype=values.dtype)
+    if t != t:   # NaN (sorted last by both numpy and torch): nothing is > or == NaN
+        return t_tensor, 0, 0
+    upper, lower = a[j + 1:], a[:j]
+    if upper.size == 0 or upper.min() > t:     # no ties above the cut (a NaN fails this test)
+        greater, equal = k - 1, 1
+    else:
+        greater = int(np.count_nonzero(upper > t))
+        equal = 1 + int(np.count_nonzero(upper == t))
+    if lower.size and not lower.max() < t:
+        equal += int(np.count_nonzero(lower == t))
+    return t_tensor, greater, equal
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -168,9 +199,12 @@ class _MaskedWeight(torch.autograd.Function):
             if k >= n:
                 ctx.cut = -1.0
             elif k > 0 and weight.dtype == torch.float32:
-                t, greater, equal = _kth_largest_and_counts(magnitude, k)
+                # magnitude is scratch here: the selection may reorder it in place
+                t, greater, equal = _kth_largest_and_counts(magnitude, k, overwrite=True)
                 if greater + equal == k:   # keep exactly |w| >= t, i.e. |w| > the float below t
                     ctx.cut = float(torch.nextafter(t, torch.zeros_like(t)))
+                else:                      # a tie straddles the cut: the exact top-k, from fresh |W|
+                    magnitude = weight.detach().abs().reshape(-1)
             if ctx.cut is not None:
                 ctx.save_for_backward(weight)
                 return F.hardshrink(weight, ctx.cut)
