@@ -9,6 +9,7 @@ as in the authors' ``TopKBinarizer`` (MLPruning, binarizer.py).
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -110,16 +111,19 @@ def _kth_largest_and_counts(values: torch.Tensor, k: int, overwrite: bool = Fals
 
 
 def _kth_largest_and_counts_numpy(values: torch.Tensor, k: int, overwrite: bool) -> tuple[torch.Tensor, int, int]:
-    """:func:`_kth_largest_and_counts` for a CPU float tensor: ``ndarray.partition`` puts the
-    k-th largest at index n - k, everything below it <= t and everything above it >= t, so the
-    counts need a pass over each side only when a min/max reduction shows a tie (or a NaN)."""
+    """:func:`_kth_largest_and_counts` for a CPU float tensor."""
     flat = values.detach().reshape(-1)
-    a = flat.numpy() if overwrite else flat.numpy().copy()
-    n = a.size
-    j = n - k
+    return _select_in_place(flat.numpy() if overwrite else flat.numpy().copy(), k, values.dtype)
+
+
+def _select_in_place(a: np.ndarray, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+    """(t, greater, equal) of a flat float array (reordered in place): ``ndarray.partition`` puts
+    the k-th largest at index n - k, everything below it <= t and everything above it >= t, so
+    the counts need a pass over either side only when a min/max reduction shows a tie (or NaN)."""
+    j = a.size - k
     a.partition(j)
     t = a[j]
-    t_tensor = torch.tensor(float(t), dtype=values.dtype)
+    t_tensor = torch.tensor(float(t), dtype=dtype)
     if t != t:   # NaN (sorted last by both numpy and torch): nothing is > or == NaN
         return t_tensor, 0, 0
     upper, lower = a[j + 1:], a[:j]
@@ -131,6 +135,26 @@ def _kth_largest_and_counts_numpy(values: torch.Tensor, k: int, overwrite: bool)
     if lower.size and not lower.max() < t:
         equal += int(np.count_nonzero(lower == t))
     return t_tensor, greater, equal
+
+
+# |W| of one matrix at a time goes into this per-thread buffer (reused, so no weight-sized allocation
+# and page faults per matrix per forward); matrices above _SCRATCH_MAX elements allocate their own
+_SCRATCH = threading.local()
+_SCRATCH_MAX = 1 << 22
+
+
+def _magnitude_kth_largest_and_counts(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """:func:`_kth_largest_and_counts` of |weight| (float32 on the CPU, 1 <= k < n)."""
+    w = weight.detach()
+    n = w.numel()
+    if n > _SCRATCH_MAX:
+        return _kth_largest_and_counts(w.abs().reshape(-1), k, overwrite=True)
+    buf = getattr(_SCRATCH, "buffer", None)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH.buffer = np.empty(n, dtype=np.float32)
+    a = buf[:n]
+    np.abs(w.numpy(), out=a.reshape(w.shape))   # any strides in, row-major out
+    return _select_in_place(a, k, w.dtype)
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -195,20 +219,20 @@ class _MaskedWeight(torch.autograd.Function):
             ctx.save_for_backward(weight, mask)
             return weight * mask
         if scores is None:
-            magnitude = weight.detach().abs().reshape(-1)
             if k >= n:
                 ctx.cut = -1.0
             elif k > 0 and weight.dtype == torch.float32:
-                # magnitude is scratch here: the selection may reorder it in place
-                t, greater, equal = _kth_largest_and_counts(magnitude, k, overwrite=True)
+                if weight.device.type == "cpu":
+                    t, greater, equal = _magnitude_kth_largest_and_counts(weight, k)
+                else:
+                    t, greater, equal = _kth_largest_and_counts(weight.detach().abs().reshape(-1), k)
                 if greater + equal == k:   # keep exactly |w| >= t, i.e. |w| > the float below t
                     ctx.cut = float(torch.nextafter(t, torch.zeros_like(t)))
-                else:                      # a tie straddles the cut: the exact top-k, from fresh |W|
-                    magnitude = weight.detach().abs().reshape(-1)
             if ctx.cut is not None:
                 ctx.save_for_backward(weight)
                 return F.hardshrink(weight, ctx.cut)
-            mask = topk_bool(magnitude, k).view(weight.shape)
+            # a tie straddles the cut (or k = 0, or not float32): the exact top-k
+            mask = topk_bool(weight.detach().abs(), k)
         else:
             mask = topk_bool(scores.detach().view(weight.shape), k)
         ctx.save_for_backward(weight, mask)
