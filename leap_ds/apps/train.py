@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--student-init", choices=["teacher", "model"], default="teacher",
                    help="start pruning from the fine-tuned teacher's weights (default) or from --model")
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", default="runs/leap-default")
+    o.add_argument("--output-dir", default=None, help=_task_default("output_dir"))
     o.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
     o.add_argument("--dry-run", action="store_true",
                    help="print the modules, units and weights of every group, then exit")
@@ -142,6 +142,12 @@ def check_args(args) -> None:
     for flag in ("max_seq_length", "block_size", "log_interval", "max_steps", "min_steps", "epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:   # None: the task's default
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.output_dir is not None:
+        check_output_dir(args)
+
+
+def check_output_dir(args) -> None:
+    """Nothing already written is lost: another run's outputs need --overwrite (or a resumable run)."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file; choose a directory")
@@ -360,7 +366,7 @@ def main(argv=None) -> int:
 def _main(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    check_args(args)
+    check_args(args)             # the flags given (unset ones are None until the task fills them)
 
     import torch
     import transformers
@@ -371,6 +377,7 @@ def _main(args):
     from .tasks import create_task
 
     task = create_task(args)     # --task (or inferred), the model resolved and checked, the task's defaults
+    check_output_dir(args)
     raw_config, section = load_ds_config(args)
     data = task.load_data()
     try:

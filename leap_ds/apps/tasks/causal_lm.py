@@ -64,7 +64,8 @@ class CausalLMTask(Task):
     # the embedded job: SmolLM2-135M on the Rotten Tomatoes snippets, sized for 2 CPU ranks
     # (README: "The default LLM job"); llama_unstructured.json needs DEFAULT_MIN_STEPS_NOTE
     defaults = {"model": "smollm2-135m", "deepspeed_config": "llama_unstructured.json", "block_size": 64,
-                "epochs": 0.1, "min_steps": 80, "max_eval_samples": 64}
+                "epochs": 0.1, "min_steps": 80, "max_eval_samples": 64,
+                "output_dir": "runs/leap-lm-default"}
 
     def check_model_config(self, config):
         from ..train import UsageError

@@ -19,7 +19,8 @@ class ClassificationTask(Task):
     distill_hidden = True
     # the embedded job: MiniLM on the Rotten Tomatoes snippets, about 10 minutes on 2 CPU ranks
     defaults = {"model": EMBEDDED_MODEL, "deepspeed_config": "default.json", "max_seq_length": 48,
-                "epochs": 0.55, "min_steps": 150}   # default.json needs 111 steps (budget.fewest_steps)
+                "epochs": 0.55, "min_steps": 150,
+                "output_dir": "runs/leap-default"}   # default.json needs 111 steps (budget.fewest_steps)
 
     def load_data(self):
         from ..data import load_text_classification
