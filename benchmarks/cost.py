@@ -168,22 +168,28 @@ def peak_rss_mb() -> float:
 
 def round_robin(engines: dict, batches: dict, warmup: int, steps: int) -> dict:
     """Step every engine once per round, rotating the order; per-engine step times and, against
-    "dense", the median of per-round ratios (load bursts hit both steps of a round alike)."""
+    "dense", the median of per-round ratios (load bursts hit both steps of a round alike).
+    Wall clock (``perf_counter``) and this thread's CPU time (``thread_time``: one torch thread,
+    so the step's compute; time spent waiting for a core of a shared machine is not in it)."""
     times = {k: [] for k in engines}
+    cpu = {k: [] for k in engines}
     names = list(engines)
     for r in range(warmup + steps):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             train_step(engines[k], batches[k])
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
             if r >= warmup:
                 times[k].append(dt)
+                cpu[k].append(dc)
     out = {k: {"median_s": statistics.median(v), "mean_s": statistics.fmean(v), "min_s": min(v),
-               "max_s": max(v), "steps": len(v), "times_s": v} for k, v in times.items()}
+               "max_s": max(v), "steps": len(v), "times_s": v,
+               "cpu_median_s": statistics.median(cpu[k]), "cpu_times_s": cpu[k]} for k, v in times.items()}
     if "dense" in times:
         for k, v in times.items():
             out[k]["paired_ratio"] = statistics.median(a / b for a, b in zip(v, times["dense"]))
+            out[k]["cpu_paired_ratio"] = statistics.median(a / b for a, b in zip(cpu[k], cpu["dense"]))
     return out
 
 
@@ -229,7 +235,9 @@ def worker(args):
             engines[name] = build_engine(spec, groups, spec["batch"], 0, world, spec["warmup"] + spec["steps"])
             batches[name] = placement.to_device(batch_for(engines[name].module, spec["batch"], spec["seq"]),
                                                 engines[name].device)
+        out["loadavg_before"] = os.getloadavg()
         out["timing"] = round_robin(engines, batches, spec["warmup"], spec["steps"])
+        out["loadavg_after"] = os.getloadavg()
         leap = next((e.leap for e in engines.values() if getattr(e, "leap", None) is not None), None)
         dense = engines.get("dense")
         if dense is not None:
@@ -336,9 +344,26 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--report-only", action="store_true",
                    help="rewrite cost.md and cost.png from OUT/cost.json (e.g. after adding OUT/cost_notes.md)")
+    p.add_argument("--merge-a", default=None, metavar="DIR[,DIR...]",
+                   help="put part (a) of several runs (their DIR/cost.json, e.g. from --parts a --out DIR) into "
+                        "OUT/cost.json (default benchmarks/results; its parts b and c are kept) and rewrite the "
+                        "report: per configuration the median and min-max over the runs")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.merge_a:
+        out = Path(args.out or ROOT / "benchmarks" / "results")
+        res = json.loads((out / "cost.json").read_text())
+        res["a_runs"] = []
+        for d in args.merge_a.split(","):
+            run = json.loads((Path(d) / "cost.json").read_text())
+            res["a_runs"].append({"dir": d, **{k: run.get(k) for k in ("command", "wall_s", "loadavg", "machine",
+                                                                         "settings", "a_timing", "a_memory")}})
+        res.pop("a_timing", None)
+        res.pop("a_memory", None)
+        json.dump(res, open(out / "cost.json", "w"), indent=1)
+        write_report(res, out, smoke=False)
+        return res
     if args.report_only:
         out = Path(args.out or ROOT / "benchmarks" / "results")
         res = json.loads((out / "cost.json").read_text())
@@ -368,6 +393,7 @@ def main(argv=None):
     common = {**base, "batch": args.batch_size, "seq": args.max_seq_length, "warmup": args.warmup,
               "steps": args.steps, "memory_steps": args.memory_steps}
     print(f"cost benchmark -> {out} (work {work})", flush=True)
+    res["loadavg"] = {"before": os.getloadavg()}
     if "a" in parts:
         res["a_timing"] = launch(1, "timing", {**common, "configs": configs, "tag": "a"}, work, args.threads)[0]
         mem_configs = configs[:2] if smoke else configs   # smoke: dense and unstructured only
@@ -383,6 +409,7 @@ def main(argv=None):
                     "configs": ["dense", "unstructured"], "tag": f"c{w}"}
             res["c_sizes"][w] = launch(1, "timing", spec, work, args.threads)[0]
     res["wall_s"] = round(time.time() - t_start, 1)
+    res["loadavg"]["after"] = os.getloadavg()
     json.dump(res, open(out / "cost.json", "w"), indent=1)
     write_report(res, out, smoke)
     print(f"wrote {out / 'cost.md'} ({res['wall_s'] / 60:.1f} min)", flush=True)
