@@ -828,3 +828,77 @@ def test_training_forward_backward_on_bert_hybrid_reaches_every_threshold():
     for g in pruner.groups:
         assert g.module.threshold.grad is not None and torch.isfinite(g.module.threshold.grad).all()
         assert float(g.module.threshold.grad) != 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the CPU selection (numpy partition) and the reused |W| buffer of the fused magnitude mask
+# ----------------------------------------------------------------------------------------------
+
+
+def _topk_lowest_index_first(values: np.ndarray, k: int) -> np.ndarray:
+    order = np.argsort(-values, kind="stable")   # ties: lowest index first
+    keep = np.zeros(values.size, dtype=bool)
+    keep[order[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "ties_float64"])
+def test_cpu_kth_largest_and_counts_is_exact(kind):
+    from leap_ds.algorithm import mask
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 7, 1000, 70001):
+        v = rng.standard_normal(n) if kind == "normal" else rng.integers(0, 6, n).astype(np.float64)
+        t = torch.tensor(v, dtype=torch.float64 if kind == "ties_float64" else torch.float32)
+        for k in sorted({1, n, max(1, n // 3), max(1, n - 1)}):
+            ref = np.sort(t.numpy())[::-1][k - 1]
+            for overwrite in (False, True):
+                x = t.clone()
+                kth, greater, equal = mask._kth_largest_and_counts(x, k, overwrite=overwrite)
+                assert float(kth) == float(ref)
+                assert (greater, equal) == (int((t.numpy() > ref).sum()), int((t.numpy() == ref).sum()))
+                if not overwrite:
+                    assert torch.equal(x, t)
+            assert np.array_equal(mask.topk_bool(t, k).numpy(), _topk_lowest_index_first(t.float().numpy(), k))
+
+
+def test_fused_magnitude_mask_through_the_reused_buffer_is_exact(monkeypatch):
+    """Matrices of several sizes in turn (the per-thread |W| buffer holds the last one's values), a
+    transposed view, ties straddling the cut, a matrix too big for the buffer, weights changed in
+    place between forwards and another thread: always exactly the k largest |w| and their gradient."""
+    import threading
+    from leap_ds.algorithm import mask
+    monkeypatch.setattr(mask, "_SCRATCH_MAX", 3000)   # the 40 x 96 matrix allocates its own
+    gen = torch.Generator().manual_seed(8)
+    mats = [torch.randn(64, 46, generator=gen), torch.randn(8, 5, generator=gen),
+            torch.randn(40, 96, generator=gen).t(), torch.randint(-3, 4, (30, 20), generator=gen).float()]
+
+    def check(w0, k):
+        w = w0.clone().requires_grad_(True)
+        theta = torch.zeros(1, requires_grad=True)
+        out = mask.masked_weight(w, theta, k=k)
+        keep = _topk_lowest_index_first(w0.abs().reshape(-1).numpy(), k).reshape(w0.shape)
+        assert np.array_equal(out.detach().numpy(), np.where(keep, w0.numpy(), 0.0))
+        grad_out = torch.randn(w0.shape, generator=gen)
+        (out * grad_out).sum().backward()
+        assert np.array_equal(w.grad.numpy(), np.where(keep, grad_out.numpy(), 0.0))
+        expected = float((grad_out.double() * w0.double() * torch.from_numpy(keep)).sum())
+        assert float(theta.grad) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+    for changed in (False, True):
+        for w0 in mats:
+            if changed:   # in place, as an optimizer step does
+                w0.mul_(-1.5).add_(torch.randn(w0.shape, generator=gen).round())
+            for k in (1, w0.numel() // 2, w0.numel() - 1):
+                check(w0, k)
+    errors = []
+
+    def in_another_thread():   # its own buffer
+        try:
+            for w0 in mats:
+                check(w0, w0.numel() // 3)
+        except BaseException as e:   # noqa: BLE001 (re-raised below)
+            errors.append(e)
+    thread = threading.Thread(target=in_another_thread)
+    thread.start()
+    thread.join()
+    assert not errors, errors
