@@ -361,6 +361,7 @@ def main(argv=None):
                                                                          "settings", "a_timing", "a_memory")}})
         res.pop("a_timing", None)
         res.pop("a_memory", None)
+        res["a_merge_command"] = f"python {os.path.relpath(__file__, ROOT)} --merge-a {args.merge_a}"
         json.dump(res, open(out / "cost.json", "w"), indent=1)
         write_report(res, out, smoke=False)
         return res
@@ -442,16 +443,17 @@ def write_report(res: dict, out: Path, smoke: bool):
                   f"{s['warmup']} warm-up + {s['steps']} timed steps per configuration, round-robin. "
                   f"Granularity `head` prunes attention only (Q, K, V, output, like ds_configs/head.json); "
                   f"the others prune all six encoder matrices.", "",
-                  "| configuration | step time vs dense (median of paired rounds) | median step (s) | "
-                  "min / max step (s) | LEAP mask computation per forward (s) | peak RSS (MiB) | "
+                  "| configuration | step time vs dense (median of paired rounds) | CPU time vs dense (same) | "
+                  "median step (s) | min / max step (s) | LEAP mask computation per forward (s) | peak RSS (MiB) | "
                   "RSS growth in training (MiB) | LEAP density after the timed steps |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         dens = res["a_timing"].get("densities", {})
         masks = res["a_timing"].get("mask_s", {})
         for c, v in t.items():
             mm = mem.get(c, {})
             growth = mm.get("peak_rss_mb", 0) - mm.get("rss_after_init_mb", 0) if mm else float("nan")
-            lines.append(f"| {c} | {100 * (v.get('paired_ratio', 1.0) - 1):+.1f}% | {v['median_s']:.3f} | "
+            cpu = f"{100 * (v['cpu_paired_ratio'] - 1):+.1f}%" if "cpu_paired_ratio" in v else "n/a"
+            lines.append(f"| {c} | {100 * (v.get('paired_ratio', 1.0) - 1):+.1f}% | {cpu} | {v['median_s']:.3f} | "
                          f"{v['min_s']:.3f} / {v['max_s']:.3f} | "
                          f"{masks[c] if c in masks else 0:.3f} | {mm.get('peak_rss_mb', float('nan')):.0f} | "
                          f"{growth:.0f} | {dens.get(c, 1.0):.3f} |")
@@ -467,6 +469,8 @@ def write_report(res: dict, out: Path, smoke: bool):
         ax.set_ylabel("step time vs dense (%, median of paired rounds)")
         ax.set_title("(a) step time, ZeRO-0, 1 rank")
         ax.legend()
+    if res.get("a_runs"):
+        lines += a_runs_section(res, axes[0])
     if "b_state" in res:
         lines += ["## (b) LEAP's own state per rank at ZeRO-3", "",
                   model_name(res["model"]) + " ",
@@ -532,6 +536,80 @@ def write_report(res: dict, out: Path, smoke: bool):
     (out / "cost.md").write_text("\n".join(lines))
 
 
+def _spread(values: list[float]) -> str:
+    """median [min, max] of ratios, as percentages over dense"""
+    pct = [100 * (v - 1) for v in values]
+    return f"{statistics.median(pct):+.1f}% [{min(pct):+.1f}, {max(pct):+.1f}]"
+
+
+def a_runs_summary(res: dict) -> dict:
+    """Per configuration, over the merged part (a) runs: wall and CPU-time paired ratios and more."""
+    runs = res["a_runs"]
+    out = {}
+    for c in runs[0]["a_timing"]["timing"]:
+        t = [r["a_timing"]["timing"][c] for r in runs]
+        out[c] = {"wall": [v.get("paired_ratio", 1.0) for v in t],
+                  "cpu": [v.get("cpu_paired_ratio", 1.0) for v in t],
+                  "median_s": [v["median_s"] for v in t], "cpu_median_s": [v.get("cpu_median_s", 0.0) for v in t],
+                  "mask_s": [r["a_timing"].get("mask_s", {}).get(c, 0.0) for r in runs],
+                  "peak_rss_mb": [r.get("a_memory", {}).get(c, {}).get("peak_rss_mb", float("nan")) for r in runs],
+                  "density": [r["a_timing"].get("densities", {}).get(c, 1.0) for r in runs]}
+    return out
+
+
+def a_runs_section(res: dict, ax) -> list[str]:
+    runs, summ = res["a_runs"], a_runs_summary(res)
+    s = runs[0]["settings"]
+    n = len(runs)
+    lines = [f"## (a) Step time and memory, LEAP vs dense (ZeRO stage 0, one rank): {n} runs", "",
+             f"{model_name(res['model'])}, batch {s['batch_size']}, sequence {s['max_seq_length']}, AdamW + "
+             f"WarmupDecayLR + clipping as ds_configs/default.json, magnitude scores, target 0.3. Each run: "
+             f"`{runs[0]['command']}` (one process, {s['warmup']} warm-up + {s['steps']} timed steps per "
+             f"configuration, round-robin; then one memory process per configuration); {n} runs in a row. "
+             f"Per run, a configuration's ratio is the median over the timed rounds of its step time over "
+             f"dense's in the same round; the table gives the median over the runs and [min, max]. Wall: "
+             f"`time.perf_counter`; CPU: `time.thread_time` of the stepping thread (one torch thread), which "
+             f"leaves out time spent waiting for a core of this shared machine (but not cache and memory "
+             f"contention). Granularity `head` prunes attention only (Q, K, V, output, like "
+             f"ds_configs/head.json); the others prune all six encoder matrices. Merged by "
+             f"`{res.get('a_merge_command', '--merge-a')}`.", "",
+             f"| configuration | step time vs dense, wall: median [min, max] of {n} runs | "
+             f"CPU time vs dense: median [min, max] | median step, wall (s) | median step, CPU (s) | "
+             f"LEAP mask computation per forward (s) | peak RSS (MiB) | LEAP density after the timed steps |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, v in summ.items():
+        lines.append(f"| {c} | {_spread(v['wall'])} | {_spread(v['cpu'])} | {statistics.median(v['median_s']):.3f} | "
+                     f"{statistics.median(v['cpu_median_s']):.3f} | {statistics.median(v['mask_s']):.3f} | "
+                     f"{statistics.median(v['peak_rss_mb']):.0f} | {statistics.median(v['density']):.3f} |")
+    names = list(summ)
+    lines += ["", "Per run (load average: 1-minute value before / after the run; the machine has "
+              f"{res['machine']['cores']} cores):", "",
+              "| run | load before / after | " + " | ".join(f"{c} wall / CPU" for c in names[1:]) + " | minutes |",
+              "|---|---:|" + "---:|" * (len(names) - 1) + "---:|"]
+    for i, r in enumerate(runs):
+        la = r.get("loadavg") or {}
+        load = " / ".join(f"{la[k][0]:.1f}" if la.get(k) else "?" for k in ("before", "after"))
+        cells = [f"{100 * (r['a_timing']['timing'][c].get('paired_ratio', 1) - 1):+.1f}% / "
+                 f"{100 * (r['a_timing']['timing'][c].get('cpu_paired_ratio', 1) - 1):+.1f}%" for c in names[1:]]
+        lines.append(f"| {i + 1} (`{r['dir']}`) | {load} | " + " | ".join(cells) + f" | {r['wall_s'] / 60:.1f} |")
+    lines += ["", "Peak RSS: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of a process that builds only that "
+              f"configuration and runs {s['warmup']} + {s['memory_steps']} steps (median over the runs).", ""]
+    x = list(range(len(names)))
+    for off, key, label in ((-0.2, "wall", "wall"), (0.2, "cpu", "CPU time")):
+        med = [100 * (statistics.median(summ[c][key]) - 1) for c in names]
+        lo = [m - 100 * (min(summ[c][key]) - 1) for m, c in zip(med, names)]
+        hi = [100 * (max(summ[c][key]) - 1) - m for m, c in zip(med, names)]
+        ax.bar([i + off for i in x], med, width=0.4, yerr=[lo, hi], capsize=3, label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names)
+    ax.axhline(10, color="r", linestyle=":", label="+10%")
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_ylabel(f"step vs dense (%, median and min-max of {n} runs)")
+    ax.set_title("(a) step time, ZeRO-0, 1 rank")
+    ax.legend()
+    return lines
+
+
 def model_name(spec: dict) -> str:
     if spec["model"] == "minilm":
         return "all-MiniLM-L6-v2 (22.7M parameters, 6 layers, hidden 384)"
@@ -540,6 +618,18 @@ def model_name(spec: dict) -> str:
 
 def observations(res) -> list[str]:
     obs = []
+    if res.get("a_runs"):
+        for c, v in a_runs_summary(res).items():
+            if c == "dense":
+                continue
+            verdicts = []
+            for key, label in (("wall", "wall clock"), ("cpu", "CPU time")):
+                med = statistics.median(v[key])
+                verdicts.append(f"{label} {100 * (med - 1):+.1f}% (runs {min(v[key]) * 100 - 100:+.1f} to "
+                                f"{max(v[key]) * 100 - 100:+.1f}%): median {'within' if med <= 1.1 else 'NOT within'} "
+                                f"the 10% target" + ("" if (max(v[key]) <= 1.1) == (med <= 1.1) else
+                                                     ", not every run on the same side"))
+            obs.append(f"- (a) {c}, {len(v['wall'])} runs: " + "; ".join(verdicts) + ".")
     if "a_timing" in res:
         t = res["a_timing"]["timing"]
         for c, v in t.items():
