@@ -9,6 +9,22 @@ import torch
 from tests.conftest import ROOT, dist_env, load_ranks, torchrun
 
 REL = 1e-4
+# What depends on the data and the task loss (the logged loss is ~8164, almost all lambda * L_reg,
+# over a task loss ~0.69; Adam moves each threshold by about its lr per step whatever the batch:
+# losses, thresholds and densities agree even when a path trains on other batches). Measured on
+# the tiny BERT (2 CPU ranks, 6 steps): the Trainer at ZeRO-2 and ZeRO-3 and its resumed run give
+# bit-identical task losses, probe logits and parameters to the leap_ds.initialize loop and the
+# uninterrupted run; gradient accumulation 2 differs by summation order: task losses 4e-8 rel,
+# logits 4e-9 abs, parameters 2.4e-7 abs (a threshold ~3), 1.7e-5 rel on tiny weights; DDP against
+# one process (30 steps): task losses 1.3e-7 rel, logits 1.3e-8 abs, parameters 2.6e-7 abs. Other
+# batches (another seed), or a halved, dropped or unevenly accumulated task loss, move task losses
+# by >= 1e-4 rel and the weights (which move ~4e-3 in 6 steps) by far more than WEIGHTS_TOL.
+TASK_REL = 1e-6                           # per-step task loss (mean over micro batches and ranks)
+LOGITS_TOL = dict(rtol=1e-5, atol=1e-6)   # logits ~0.1 on the probe batch
+WEIGHTS_TOL = dict(rtol=1e-5, atol=2e-6)  # every final parameter, LEAP's thresholds included
+# the logged loss is a float32 ~8164 (ulp 1e-3): minus lambda * L_reg it is the task loss to within
+# 3.3e-4 measured; allow 4 float32 eps of the loss (3.9e-3), far below a halved task loss (0.35)
+LOGGED_TASK_EPS = 4 * torch.finfo(torch.float32).eps
 
 
 def close(a, b, rel=REL):
@@ -17,11 +33,53 @@ def close(a, b, rel=REL):
         assert abs(x - y) <= rel * max(abs(x), abs(y), 1e-6), (a, b)
 
 
+def assert_same_weights(got, want, rtol=1e-4, atol=1e-5):
+    """Two state dicts hold the same tensors: the same names, the same zeros (pruned positions in
+    an export), the same values."""
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name] == 0, want[name] == 0), name
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
+
+
+def check_task_loss_in_logged_loss(run):
+    """The loss a path logged (and backpropagated) is its model's task loss plus lambda * L_reg:
+    catches a path that drops or rescales the task loss after the model computed it."""
+    assert len(run["losses"]) == len(run["reg_terms"]) == len(run["task_losses"]) > 0
+    for logged, reg, task in zip(run["losses"], run["reg_terms"], run["task_losses"]):
+        assert abs(logged - reg - task) <= LOGGED_TASK_EPS * abs(logged), (run["losses"], run["reg_terms"],
+                                                                           run["task_losses"])
+
+
+def check_same_training(got, want, skip_steps=0):
+    """got trained on the same data with the same task loss as want (want's last steps when got
+    resumed after skip_steps): per-step task losses, logits on a fixed probe batch, all final
+    parameters (the workers gathered them at ZeRO-3)."""
+    close(got["task_losses"], want["task_losses"][skip_steps:], rel=TASK_REL)
+    for run in (got, want):
+        check_task_loss_in_logged_loss(run)
+    torch.testing.assert_close(torch.tensor(got["probe_logits"]), torch.tensor(want["probe_logits"]),
+                               **LOGITS_TOL, msg="probe logits")
+    assert_same_weights(torch.load(got["params_file"]), torch.load(want["params_file"]), **WEIGHTS_TOL)
+
+
+def check_weights_trained(run):
+    """The compared parameters moved by far more than the tolerance: the comparison has teeth."""
+    from tests import tiny_models as tm
+    init = dict(tm.tiny_bert().named_parameters())
+    final = torch.load(run["params_file"])
+    moved = max(float((final[n] - p.detach()).abs().max()) for n, p in init.items())
+    assert moved > 100 * WEIGHTS_TOL["atol"], moved
+
+
 def check_against_reference(res, steps, save_at):
     full, ref = res["full"], res["reference"]
     # same thresholds, density and loss as the leap_ds.initialize loop on the same batches
     close(full["thresholds"], ref["thresholds"])
     close(full["losses"], ref["losses"])
+    # ... which the data and the task loss hardly move: also what they do move
+    check_weights_trained(full)
+    check_same_training(full, ref)
     assert full["densities"] == ref["densities"]
     assert full["report"]["global_density"] == ref["report"]["global_density"] < 1.0  # it pruned
     assert full["global_step"] == steps and full["leap_step"] == ref["leap_step"] == steps
@@ -36,6 +94,7 @@ def check_against_reference(res, steps, save_at):
     assert resumed["leap_step"] == full["leap_step"]
     close(resumed["thresholds"], full["thresholds"])
     close(resumed["losses"], full["losses"][save_at:])
+    check_same_training(resumed, full, skip_steps=save_at)
 
 
 def check_export(export_dir, report):
@@ -69,6 +128,7 @@ def test_trainer_zero2_matches_engine_loop_resumes_and_accumulates(zero2):
         # gradient accumulation 2 of half batches = one batch
         close(res["accum"]["thresholds"], res["full"]["thresholds"])
         close(res["accum"]["losses"], res["full"]["losses"])
+        check_same_training(res["accum"], res["full"])
     assert ranks[0]["full"]["thresholds"] == ranks[1]["full"]["thresholds"]
     check_export(tmp / "export", ranks[0]["full"]["report"])
 
@@ -125,10 +185,14 @@ def test_trainer_ddp_without_deepspeed_matches_one_process(tmp_path):
 
     assert one["wrapped_in"] == "BertForSequenceClassification"   # one process: no wrapper
     assert one["report"]["global_density"] < 0.7 and one["densities"][0] > one["densities"][-1]   # it pruned
+    check_task_loss_in_logged_loss(one)
     for res in ddp:
         assert res["wrapped_in"] == "DistributedDataParallel"
         close(res["thresholds"], one["thresholds"])
         close(res["losses"], one["losses"])
+        # the task loss apart from the regulariser: the same batches, the same task loss
+        close(res["task_losses"], one["task_losses"], rel=TASK_REL)
+        check_task_loss_in_logged_loss(res)
         assert res["densities"] == one["densities"]
         assert res["report"]["global_density"] == one["report"]["global_density"]
         assert res["global_step"] == res["leap_step"] == steps
@@ -140,11 +204,8 @@ def test_trainer_ddp_without_deepspeed_matches_one_process(tmp_path):
     # the DDP export is the one-process export: the same pruned positions, the same weights. This is
     # the sharp check: the logged loss is mostly lambda * L_reg and the thresholds move by about their
     # lr each step, so those agree even when the ranks see other batches; the weights do not.
-    got, want = load_file(ddp_dir / "export" / "model.safetensors"), load_file(one_dir / "export" / "model.safetensors")
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert torch.equal(got[name] == 0, want[name] == 0), name
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_weights(load_file(ddp_dir / "export" / "model.safetensors"),
+                        load_file(one_dir / "export" / "model.safetensors"), rtol=1e-4, atol=1e-5)
 
 
 def run_example(script, *args, nproc=None, timeout=600):

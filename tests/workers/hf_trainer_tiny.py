@@ -8,6 +8,11 @@ Runs (each rank writes <out>.rank<r>.json):
 - reference: the leap_ds.initialize loop fed the same global batches in the same order.
 With --no-deepspeed only `full` runs, LEAP given by leap_config=: plain Trainer (python, one
 process) or DDP (torchrun, gloo on CPU); the test compares the two.
+Each run also records what depends on the data and the task loss, which the logged loss
+(mostly lambda * L_reg) and the thresholds (Adam moves each by about its lr per step) hardly do:
+the task loss of each optimizer step apart from the regulariser (averaged over micro batches and
+ranks), logits on a fixed probe batch after training, and all the final parameters (gathered at
+ZeRO-3) in <run dir>/final_params.pt.
 Trainer's sampler is sequential and accelerate gives rank r the r-th micro batch of each
 global batch: rows [r*B/W, (r+1)*B/W), as the reference loop takes them.
 """
@@ -38,12 +43,57 @@ class RecordLoss(TrainerCallback):
     """The loss of each optimizer step, unrounded, from the Trainer's own logs (logging_steps=1)."""
 
     def __init__(self):
-        self.losses, self.densities = [], []
+        self.losses, self.densities, self.reg_terms = [], [], []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" in logs:
             self.losses.append(logs["loss"])
             self.densities.append(logs["leap/density"])
+            self.reg_terms.append(logs["leap/lambda"] * logs["leap/reg_loss"])   # lambda * L_reg in the loss
+
+
+class TaskLoss:
+    """The model's output loss before LEAP adds its regulariser: a forward hook registered
+    before LEAP attaches runs before LEAP's own (hooks run in registration order)."""
+
+    def __init__(self, model):
+        self.values = []
+        model.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        loss = getattr(output, "loss", None)
+        if module.training and torch.is_grad_enabled() and torch.is_tensor(loss):
+            self.values.append(float(loss.detach()))
+        return output
+
+    def per_step(self, accum):
+        """Each optimizer step's task loss: the mean over its micro batches and over the ranks."""
+        assert len(self.values) % accum == 0, (len(self.values), accum)
+        t = torch.tensor(self.values, dtype=torch.float64).view(-1, accum).mean(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+            t /= torch.distributed.get_world_size()
+        return t.tolist()
+
+
+PROBE = tm.batches(1, 8, seed=7)[0][0]   # a fixed batch no run trains on
+
+
+def data_dependent(model, run_dir, rank):
+    """Logits on the probe batch (eval, LEAP's masks on) and every parameter, gathered at ZeRO-3
+    (a collective: every rank calls it); rank 0 writes the parameters to run_dir/final_params.pt."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=PROBE).logits.float()
+    model.train(was_training)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    path = os.path.join(run_dir, "final_params.pt")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        torch.save(params, path)
+    return {"probe_logits": logits.tolist(), "params_file": path}
 
 
 def samples(batches):
@@ -82,6 +132,7 @@ def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
     # at ZeRO-3 the model is loaded under the Trainer's DeepSpeed config: zero.Init partitions it
     model = BertForSequenceClassification.from_pretrained(a.model_dir) if a.model_dir else tm.tiny_bert()
     partitioned = any(hasattr(p, "ds_tensor") for p in model.parameters())
+    task = TaskLoss(model)   # before LeapTrainer attaches LEAP
     record = RecordLoss()
     trainer = LeapTrainer(model=model, args=args, train_dataset=samples(tm.batches(a.steps, a.global_batch)),
                           callbacks=[record], leap_config=leap_config)
@@ -93,11 +144,12 @@ def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
     sync_leap_param_groups(inner.param_groups, trainer.leap.reference_lr)
     leap_groups = [{"lr": g["lr"], "weight_decay": g["weight_decay"], "n": len(g["params"])}
                    for g in inner.param_groups if "leap_lr" in g]
-    result = {"losses": record.losses, "densities": record.densities, "report": rep,
+    result = {"losses": record.losses, "densities": record.densities, "reg_terms": record.reg_terms, "report": rep,
               "thresholds": [g["threshold"] for g in rep["groups"]], "leap_step": trainer.leap.step,
               "global_step": trainer.state.global_step, "partitioned_at_load": partitioned,
               "leap_groups": leap_groups, "log_keys": sorted(trainer.state.log_history[0]),
-              "wrapped_in": type(trainer.model_wrapped).__name__}
+              "wrapped_in": type(trainer.model_wrapped).__name__, "task_losses": task.per_step(accum),
+              **data_dependent(trainer.model, out_dir, int(os.environ.get("RANK", 0)))}
     if export_dir:
         trainer.save_model(export_dir)
     return result
@@ -105,9 +157,11 @@ def run_trainer(a, world, out_dir, accum=1, resume=None, export_dir=None):
 
 def run_reference(a, world, rank):
     cfg = tm.ds_config(a.stage, a.global_batch // world, 1, world, leap=tm.leap_section(tm.HYBRID_BERT), lr=LR)
-    engine, *_ = leap_ds.initialize(model=tm.tiny_bert(), config=cfg)
+    model = tm.tiny_bert()
+    task = TaskLoss(model)   # before leap_ds.initialize attaches LEAP
+    engine, *_ = leap_ds.initialize(model=model, config=cfg)
     per_rank = a.global_batch // world
-    losses, densities = [], []
+    losses, densities, reg_terms = [], [], []
     for ids, labels in tm.batches(a.steps, a.global_batch):
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
         out = engine(input_ids=ids[rows], labels=labels[rows])
@@ -116,11 +170,14 @@ def run_reference(a, world, rank):
         loss = out.loss.detach().float().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
-        densities.append(engine.leap.report()["global_density"])
+        step_rep = engine.leap.report()
+        densities.append(step_rep["global_density"])
+        reg_terms.append(step_rep["lambda"] * step_rep["reg_loss"])
     rep = leap_ds.report(engine)
+    extra = data_dependent(engine.module, os.path.join(a.tmp, "reference"), rank)
     engine.destroy()
-    return {"losses": losses, "densities": densities, "thresholds": [g["threshold"] for g in rep["groups"]],
-            "report": rep, "leap_step": engine.leap.step}
+    return {"losses": losses, "densities": densities, "reg_terms": reg_terms,
+            "thresholds": [g["threshold"] for g in rep["groups"]], "report": rep, "leap_step": engine.leap.step, "task_losses": task.per_step(1), **extra}
 
 
 BAD_CONFIGS = {
