@@ -247,3 +247,28 @@ def test_bad_lm_input_fails_early_on_every_rank(flags, message, tiny_lm_dir, tin
         assert message in err and "leap-ds train: error:" in err
         assert "LEAP step" not in out
     assert not (tmp_path / "out").exists()
+
+
+def test_packaged_smollm2_exports_as_a_plain_transformers_model(tmp_path):
+    """The default LLM job's model comes from a GGUF file: dequantised, yet marked quantised by
+    transformers, whose save_pretrained then refused it at the very end of the job. The task's
+    model saves, reloads with plain transformers and gives the same logits; its tokenizer's EOS is
+    the model config's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from leap_ds.apps.tasks import create_task
+    from leap_ds.apps.train import build_parser
+    task = create_task(build_parser().parse_args(["--task", "causal-lm"]))
+    tokenizer = task.load_tokenizer()
+    model = task.new_model().eval()
+    assert tokenizer.eos_token_id == task.eos_id == model.config.eos_token_id
+    ids = tokenizer("A fresh, funny and moving film.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert getattr(again, "hf_quantizer", None) is None and not hasattr(again.config, "quantization_config")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+    assert AutoTokenizer.from_pretrained(tmp_path).eos_token_id == model.config.eos_token_id

@@ -45,6 +45,17 @@ def resolve_embedded(name: str):
                      f"accelerate (or pass a hub name or a local model directory)")
 
 
+def plain_after_gguf(model) -> None:
+    """transformers dequantises a GGUF checkpoint to plain float weights but leaves the model marked
+    as quantised, and ``save_pretrained`` then refuses it ("quantized with gguf and is not
+    serializable"): the exported model/ would fail after the whole run. Drop the marks."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
@@ -91,15 +102,21 @@ class CausalLMTask(Task):
 
     def load_tokenizer(self):
         tokenizer = super().load_tokenizer()
-        # a tokenizer rebuilt from a GGUF file can name another EOS than the model config: the config wins
+        # a tokenizer rebuilt from a GGUF file can name another EOS than the model config: the config
+        # wins, and the tokenizer saved beside the exported model says the same
         if self.eos_id is None:
             self.eos_id = tokenizer.eos_token_id
+        elif tokenizer.eos_token_id != self.eos_id:
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(self.eos_id)
         return tokenizer
 
     def new_model(self, path=None):
         from transformers import AutoModelForCausalLM
         kwargs = self.load_kwargs if path is None else {}
-        return AutoModelForCausalLM.from_pretrained(path or self.model_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path or self.model_path, **kwargs)
+        if "gguf_file" in kwargs:
+            plain_after_gguf(model)
+        return model
 
     def check_pruning(self, raw_config):
         """Naming the output layer when it shares its weight with the embeddings is refused."""
