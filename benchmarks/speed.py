@@ -168,6 +168,38 @@ MODELS = {
 }
 
 
+def time_against_dense(models: dict, batches, threads_list, runs: int, warmup: int, fields) -> list[dict]:
+    """For each batch size and thread count, the medians of interleaved runs of ``models`` (one of
+    them "dense"); a row per other model, ``fields(name)`` first, then the speed-up beside the ideal
+    one from the FLOPs. Batch 1 gets 4x the runs (single runs are short and noisy)."""
+    dense = models["dense"]
+    rows = []
+    for batch_size in batches:
+        batch = probe(dense.config.vocab_size, batch_size)
+        flops = {name: forward_flops(m, batch) for name, m in models.items()}
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            runs_here = runs if batch_size > 1 else runs * 4
+            load_before = loadavg()
+            times = interleaved_medians(models, batch, runs_here, warmup)
+            load_after = loadavg()
+            for name, m in models.items():
+                if name == "dense":
+                    continue
+                measured = times["dense"] / times[name]
+                ideal = flops["dense"] / flops[name]
+                rows.append({**fields(name), "batch": batch_size, "threads": threads, "runs": runs_here,
+                             "warmup": warmup, "loadavg_before": load_before, "loadavg_after": load_after,
+                             "dense_s": times["dense"], "compact_s": times[name],
+                             "dense_parameters": parameter_count(dense), "compact_parameters": parameter_count(m),
+                             "measured_speedup": measured, "ideal_speedup": ideal,
+                             "fraction_of_ideal": measured / ideal})
+                print(f"{rows[-1]['model']} {name} batch {batch_size} threads {threads}: dense "
+                      f"{times['dense'] * 1e3:.1f} ms, compact {times[name] * 1e3:.1f} ms, x{measured:.2f} "
+                      f"(ideal x{ideal:.2f}); load {' '.join(load_before)} -> {' '.join(load_after)}", flush=True)
+    return rows
+
+
 def measure(model_name: str, args) -> list[dict]:
     load, config, batches = MODELS[model_name]
     if model_name == "SmolLM2-135M" and args.smollm2_batch32:
@@ -189,30 +221,9 @@ def measure(model_name: str, args) -> list[dict]:
         del masked, pruner
         models[f"{density}"] = (small, reached)
 
-    rows = []
-    for batch_size in batches:
-        batch = probe(dense.config.vocab_size, batch_size)
-        flops = {name: forward_flops(m, batch) for name, (m, _) in models.items()}
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            runs = args.runs if batch_size > 1 else args.runs * 4
-            times = interleaved_medians({name: m for name, (m, _) in models.items()}, batch, runs, warmup)
-            for name, (m, reached) in models.items():
-                if name == "dense":
-                    continue
-                measured = times["dense"] / times[name]
-                ideal = flops["dense"] / flops[name]
-                rows.append({"model": model_name, "target_density": float(name),
-                             "structured_density": reached, "batch": batch_size, "threads": threads,
-                             "runs": runs, "warmup": warmup,
-                             "dense_s": times["dense"], "compact_s": times[name],
-                             "dense_parameters": parameter_count(dense), "compact_parameters": parameter_count(m),
-                             "measured_speedup": measured, "ideal_speedup": ideal,
-                             "fraction_of_ideal": measured / ideal})
-                print(f"{model_name} batch {batch_size} threads {threads} density {name}: dense "
-                      f"{times['dense']*1e3:.1f} ms, compact {times[name]*1e3:.1f} ms, x{measured:.2f} "
-                      f"(ideal x{ideal:.2f})", flush=True)
-    return rows
+    return time_against_dense({name: m for name, (m, _) in models.items()}, batches, args.threads, args.runs,
+                              warmup, lambda name: {"model": model_name, "target_density": float(name),
+                                                    "structured_density": models[name][1]})
 
 
 def loadavg() -> list[str]:
@@ -227,12 +238,19 @@ def width_summary(layers: dict) -> dict:
     return {"heads": heads, "channels": channels}
 
 
+def run_family(run_dir: str) -> str:
+    """The MODELS entry a main-job run pruned: SmolLM2 for a causal-LM run, MiniLM otherwise."""
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    return "SmolLM2-135M" if metrics.get("task") == "causal-lm" else "all-MiniLM-L6-v2"
+
+
 def load_run(run_dir: str, config: str):
     """(masked model from run_dir/model, compact model, metrics.json) of one main-job run."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from leap_ds.export import load_compact
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
-    masked = AutoModelForSequenceClassification.from_pretrained(os.path.join(run_dir, "model")).eval()
+    model_class = AutoModelForCausalLM if metrics.get("task") == "causal-lm" else AutoModelForSequenceClassification
+    masked = model_class.from_pretrained(os.path.join(run_dir, "model")).eval()
     compact_dir = os.path.join(run_dir, "model-compact")
     if os.path.isfile(os.path.join(compact_dir, "leap_compact.json")):
         small = load_compact(compact_dir)
@@ -243,7 +261,14 @@ def load_run(run_dir: str, config: str):
 
 def measure_runs(args) -> list[dict]:
     """Dense vs the compact models of LEAP runs (widths learned by LEAP), all in one process."""
-    dense = load_minilm().eval()
+    families = {run_family(d) for d in args.from_runs}
+    if len(families) != 1:
+        raise SystemExit(f"--from-runs: runs of one model at a time (got {sorted(families)})")
+    family = families.pop()
+    load, family_config, _ = MODELS[family]
+    if args.config == CONFIG:   # the default (MiniLM's structured.json): the family's own groups
+        args.config = family_config
+    dense = load().eval()
     models, info = {"dense": dense}, {}
     for run_dir in args.from_runs:
         name = os.path.basename(os.path.normpath(run_dir))
@@ -255,7 +280,8 @@ def measure_runs(args) -> list[dict]:
         info[name] = {"run": os.path.relpath(os.path.abspath(run_dir), ROOT),
                       "target_density": metrics["target_density"],
                       "achieved_density": metrics["achieved_density"], "steps": metrics["steps"],
-                      "accuracy": metrics.get("accuracy"), "max_abs_logit_diff": diff, "widths": widths}
+                      "accuracy": metrics.get("accuracy"), "perplexity": metrics.get("perplexity"),
+                      "max_abs_logit_diff": diff, "widths": widths}
         print(f"{name}: target {metrics['target_density']}, reached {metrics['achieved_density']:.4f}, "
               f"compact == masked within {diff:.1e}, heads {widths['heads']}, channels {widths['channels']}",
               flush=True)
@@ -275,33 +301,9 @@ def measure_runs(args) -> list[dict]:
             models[name] = small
             del masked
 
-    rows = []
-    for batch_size in args.batches:
-        batch = probe(dense.config.vocab_size, batch_size)
-        flops = {name: forward_flops(m, batch) for name, m in models.items()}
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            runs = args.runs if batch_size > 1 else args.runs * 4
-            load_before = loadavg()
-            times = interleaved_medians(models, batch, runs, args.warmup)
-            load_after = loadavg()
-            for name, m in models.items():
-                if name == "dense":
-                    continue
-                measured = times["dense"] / times[name]
-                ideal = flops["dense"] / flops[name]
-                rows.append({"model": "all-MiniLM-L6-v2", "name": name, **info[name],
-                             "structured_density": info[name]["achieved_density"],
-                             "batch": batch_size, "threads": threads, "runs": runs, "warmup": args.warmup,
-                             "loadavg_before": load_before, "loadavg_after": load_after,
-                             "dense_s": times["dense"], "compact_s": times[name],
-                             "dense_parameters": parameter_count(dense), "compact_parameters": parameter_count(m),
-                             "measured_speedup": measured, "ideal_speedup": ideal,
-                             "fraction_of_ideal": measured / ideal})
-                print(f"batch {batch_size} threads {threads} {name}: dense {times['dense']*1e3:.1f} ms, "
-                      f"compact {times[name]*1e3:.1f} ms, x{measured:.2f} (ideal x{ideal:.2f}); load "
-                      f"{' '.join(load_before)} -> {' '.join(load_after)}", flush=True)
-    return rows
+    return time_against_dense(models, args.batches, args.threads, args.runs, args.warmup,
+                              lambda name: {"model": family, "name": name, **info[name],
+                                            "structured_density": info[name]["achieved_density"]})
 
 
 def _ranges(values: list[int]) -> str:
@@ -317,8 +319,8 @@ def write_learned_markdown(path, meta, rows):
         f"{' / '.join(meta['loadavg_after'])} (per measurement in the table): the machine is shared.",
         "",
         f"Sequence {meta['sequence']} tokens; medians of interleaved runs, as in the magnitude-width table. "
-        "Each compact model is a LEAP run's `model-compact/` (structured LEAP: heads + FFN channels); "
-        "widths per layer (layers 0-5) as LEAP learned them.",
+        f"Model: {rows[0]['model'] if rows else '?'}. Each compact model is a LEAP run's `model-compact/` "
+        "(structured LEAP: heads or KV groups + FFN channels); widths per layer as LEAP learned them.",
         "",
         "| run | target | reached | heads per layer | FFN channels per layer | params compact | batch | threads | "
         "runs (warm-up) | load 1-min | dense ms | compact ms | speed-up | ideal | % of ideal |",
