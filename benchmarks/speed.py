@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
