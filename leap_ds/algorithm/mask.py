@@ -26,9 +26,13 @@ def kept_units_tensor(threshold: torch.Tensor, num_units: int, multiple_of: int 
     host synchronisation); N = ``multiple_of`` (1: k = ceil(sigmoid(theta) n)). The one place k
     is computed: :func:`kept_units` reads this back on the host."""
     k = torch.ceil(keep_ratio(threshold.detach()).reshape(()).double() * num_units).to(torch.int64)
-    if multiple_of > 1:   # integer arithmetic, exact
-        k = torch.div(k + (multiple_of - 1), multiple_of, rounding_mode="floor") * multiple_of
-    return k.clamp(max=num_units)
+    return round_up_to_multiple(k, multiple_of).clamp(max=num_units)
+
+
+def round_up_to_multiple(k, multiple_of: int):
+    """k (an int, or an int64 tensor) rounded up to a multiple of ``multiple_of``: integer
+    arithmetic, exact. The rounding rule of ``multiple_of`` groups (callers cap it at n)."""
+    return -(-k // multiple_of) * multiple_of
 
 
 def topk_bool_by_rank(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

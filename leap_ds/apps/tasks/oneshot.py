@@ -13,12 +13,13 @@ import math
 
 import torch
 
+from leap_ds.algorithm.mask import round_up_to_multiple
+
 
 def kept_units(group, ratio: float) -> int:
     """ceil(ratio n) units, rounded up as the group rounds its own k (``multiple_of``)."""
     n, multiple = group.num_units, getattr(group.module, "multiple_of", 1)
-    k = min(n, math.ceil(ratio * n))
-    return min(n, -(-k // multiple) * multiple)
+    return min(n, round_up_to_multiple(min(n, math.ceil(ratio * n)), multiple))
 
 
 def _global_density(groups, ratio: float) -> float:
