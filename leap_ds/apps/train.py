@@ -142,8 +142,6 @@ def check_args(args) -> None:
     for flag in ("max_seq_length", "block_size", "log_interval", "max_steps", "min_steps", "epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:   # None: the task's default
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
-    if args.output_dir is not None:
-        check_output_dir(args)
 
 
 def check_output_dir(args) -> None:
@@ -377,7 +375,7 @@ def _main(args):
     from .tasks import create_task
 
     task = create_task(args)     # --task (or inferred), the model resolved and checked, the task's defaults
-    check_output_dir(args)
+    check_output_dir(args)       # (its default is the task's too)
     raw_config, section = load_ds_config(args)
     data = task.load_data()
     try:

@@ -73,7 +73,7 @@ class CausalLMTask(Task):
     fine_tunes_teacher = False
     distill_hidden = False
     # the embedded job: SmolLM2-135M on the Rotten Tomatoes snippets, sized for 2 CPU ranks
-    # (README: "The default LLM job"); llama_unstructured.json needs DEFAULT_MIN_STEPS_NOTE
+    # (README: "The main job"); llama_unstructured.json needs 63 steps (budget.fewest_steps)
     defaults = {"model": "smollm2-135m", "deepspeed_config": "llama_unstructured.json", "block_size": 64,
                 "epochs": 0.1, "min_steps": 80, "max_eval_samples": 64,
                 "output_dir": "runs/leap-lm-default"}

