@@ -305,6 +305,12 @@ def measure_runs(args) -> list[dict]:
                                             "structured_density": info[name]["achieved_density"]})
 
 
+def _timing_cells(r: dict) -> str:
+    """The table cells both reports end with: dense ms | compact ms | speed-up | ideal | % of ideal |."""
+    return (f"{r['dense_s'] * 1e3:.1f} | {r['compact_s'] * 1e3:.1f} | {r['measured_speedup']:.2f}x | "
+            f"{r['ideal_speedup']:.2f}x | {100 * r['fraction_of_ideal']:.0f}% |")
+
+
 def _ranges(values: list[int]) -> str:
     return "/".join(str(v) for v in values)
 
@@ -330,9 +336,7 @@ def write_learned_markdown(path, meta, rows):
         lines.append(
             f"| {r['name']} | {r['target_density']} | {r['achieved_density']:.3f} | {_ranges(w['heads'])} | "
             f"{_ranges(w['channels'])} | {r['compact_parameters'] / 1e6:.2f}M | {r['batch']} | {r['threads']} | "
-            f"{r['runs']} ({r['warmup']}) | {r['loadavg_before'][0]}-{r['loadavg_after'][0]} | "
-            f"{r['dense_s'] * 1e3:.1f} | {r['compact_s'] * 1e3:.1f} | {r['measured_speedup']:.2f}x | "
-            f"{r['ideal_speedup']:.2f}x | {100 * r['fraction_of_ideal']:.0f}% |")
+            f"{r['runs']} ({r['warmup']}) | {r['loadavg_before'][0]}-{r['loadavg_after'][0]} | {_timing_cells(r)}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -418,8 +422,7 @@ def write_markdown(path, meta, rows):
         lines.append(
             f"| {r['model']} | {r['target_density']} | {r['structured_density']:.3f} | "
             f"{r['dense_parameters'] / 1e6:.2f}M -> {r['compact_parameters'] / 1e6:.2f}M | {r['batch']} | "
-            f"{r['threads']} | {r['runs']} ({r['warmup']}) | {r['dense_s'] * 1e3:.1f} | {r['compact_s'] * 1e3:.1f} | "
-            f"{r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {100 * r['fraction_of_ideal']:.0f}% |")
+            f"{r['threads']} | {r['runs']} ({r['warmup']}) | {_timing_cells(r)}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
