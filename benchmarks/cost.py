@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 ENCODER = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
            r"|intermediate\.dense|output\.dense)$")
@@ -308,21 +309,6 @@ def launch(nproc: int, worker_name: str, spec: dict, work: Path, threads: int, t
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     print(f"  {worker_name} {spec.get('config', spec.get('tag', ''))} x{nproc}: {time.time() - t0:.0f} s", flush=True)
     return [json.loads(Path(f"{result}.rank{r}.json").read_text()) for r in range(nproc)]
-
-
-def machine_info() -> dict:
-    import importlib.metadata as md
-    cpu = platform.processor() or ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": md.version("deepspeed"), "transformers": md.version("transformers"),
-            "cuda_available": torch.cuda.is_available()}
 
 
 def main(argv=None):

