@@ -23,10 +23,8 @@ import copy
 import functools
 import glob
 import json
-import math
 import os
 import random
-import re
 import traceback
 from collections import Counter
 from dataclasses import dataclass
