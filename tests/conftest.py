@@ -33,6 +33,19 @@ def torchrun(nproc, script, *args, timeout=600, master_port=None):
     return proc
 
 
+def train(nproc, *args, check=True, timeout=900):
+    """The main job (`python -m leap_ds.train`) on nproc CPU ranks under torchrun, or (0) in a plain process."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "leap_ds.train", *map(str, args)]
+    else:  # a plain process, no launcher
+        cmd = [sys.executable, "-m", "leap_ds.train", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def load_ranks(prefix, world):
     return [json.load(open(f"{prefix}.rank{r}.json")) for r in range(world)]
 

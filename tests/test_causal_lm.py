@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, dist_env, free_port, load_ranks, torchrun
+from tests.conftest import ROOT, dist_env, free_port, load_ranks, torchrun, train
 
 LLAMA_CONFIGS = ["llama_unstructured", "llama_structured", "llama_hybrid", "llama_zero3"]
 DENSITY_BAND = 0.01   # README: +/-0.01 with the shipped settings
@@ -46,18 +46,6 @@ def lm_config(tmp_path, name, stage=None, **shared):
     path = tmp_path / f"{name}.json"
     json.dump(cfg, open(path, "w"))
     return path
-
-
-def train(nproc, *args, check=True, timeout=900):
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "leap_ds.train", *map(str, args)]
-    else:
-        cmd = [sys.executable, "-m", "leap_ds.train", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 def independent_perplexity(model, blocks: torch.Tensor) -> float:

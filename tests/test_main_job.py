@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, dist_env, free_port
+from tests.conftest import ROOT, dist_env, free_port, train
 
 DENSITY_BAND = 0.01   # README: +/-0.01 with the shipped configs (density_tolerance 0.005)
 # the encoder configs (the Llama-family ones are trained on tiny Llamas in test_causal_lm.py)
@@ -25,18 +25,6 @@ def small_config(tmp_path, base="default", **shared):
     path = tmp_path / f"config_{base}.json"
     json.dump(cfg, open(path, "w"))
     return path
-
-
-def train(nproc, *args, check=True, timeout=900):
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "leap_ds.train", *map(str, args)]
-    else:  # a plain process, no launcher
-        cmd = [sys.executable, "-m", "leap_ds.train", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 def plain_accuracy(model_dir, rows=128, seq=48):
