@@ -240,9 +240,13 @@ def run_piece(spec: dict, args) -> dict:
     return {"rows": rows, "data": meta}
 
 
+def piece_path(spec, args, work: Path) -> Path:
+    return work / f"{spec['leg']}-{spec['density']}-{spec['method']}-{piece_key(spec, args)}.json"
+
+
 def cached_piece(spec, args, work: Path) -> dict:
     """A piece's result from the cache, or run (in a child process when ``--jobs`` > 0) and cached."""
-    path = work / f"{spec['leg']}-{spec['density']}-{spec['method']}-{piece_key(spec, args)}.json"
+    path = piece_path(spec, args, work)
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.time()
@@ -274,7 +278,11 @@ def leap_verdicts(rows) -> list[str]:
         leg_rows = [r for r in rows if r["leg"] == leg and r["target_density"] == target]
         leap = next(r for r in leg_rows if r["method"] == "leap")
         gap = leap["density"] - target
-        best = min((r for r in leg_rows if r["method"] != "leap"), key=lambda r: r["test_perplexity"])
+        others = [r for r in leg_rows if r["method"] != "leap"]
+        if not others:
+            lines.append(f"- {leg} {target}: LEAP density {leap['density']:.4f}; no baseline has run at this leg yet.")
+            continue
+        best = min(others, key=lambda r: r["test_perplexity"])
         verdict = ("beats every baseline" if leap["test_perplexity"] < best["test_perplexity"] else
                    f"does not beat {LABELS[best['method']]} ({best['test_perplexity']:.2f})")
         lines.append(f"- {leg} {target}: LEAP density {leap['density']:.4f} ({gap:+.4f} from the target, "
@@ -304,12 +312,15 @@ def plot(rows, dense, path: Path):
     plt.close(fig)
 
 
-def write_report(args, results, out: Path, wall_s: float, command: str):
+def write_report(args, results, out: Path, wall_s: float, command: str, missing=()):
     from benchmarks.machine import machine_info
     rows = [r for res in results for r in res["rows"]]
-    dense = next(r for r in rows if r["method"] == "dense")
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense is None:
+        raise SystemExit("no report without the dense piece: run python benchmarks/llm.py --methods dense")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**settings(args), "legs": args.legs, "data": results[-1]["data"], "command": command,
+    meta = {**settings(args), "legs": args.legs, "data": results[0]["data"], "command": command,
+            "not_run": [f"{m['leg']} {m['density']} {m['method']}" for m in missing],
             "machine": machine_info(), "this_invocation_s": round(wall_s),
             "piece_wall_s": {f"{r['rows'][0]['leg']} {r['rows'][0]['target_density']} {r['rows'][0]['method']}":
                              r.get("wall_s") for r in results}}
@@ -331,6 +342,8 @@ def write_report(args, results, out: Path, wall_s: float, command: str):
         if r["method"] != "dense":
             lines.append(f"| {r['leg']} | {r['target_density']} | {LABELS[r['method']]} | {r['density']:.4f} | "
                          f"{r['counted_density']:.4f} | {r['dev_perplexity']:.2f} | {r['test_perplexity']:.2f} |")
+    if missing:
+        lines += ["", "Not run yet (no cached result): " + ", ".join(meta["not_run"]) + "."]
     lines += ["", "![test perplexity against density](llm.png)", "", "## LEAP against its targets and the baselines (test split)", ""]
     lines += leap_verdicts(rows)
     notes = out / "llm_notes.md"
@@ -362,6 +375,8 @@ def main(argv=None):
     ap.add_argument("--methods", default=None,
                     help="run only these pieces (comma-separated: dense, magnitude, wanda, leap); the report "
                          "still needs every piece, from the cache")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the cached pieces, listing those not run; run nothing")
     ap.add_argument("--jobs", type=int, default=2, help="pieces in parallel, each in its own process (0: in this one)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per piece")
     ap.add_argument("--smoke", action="store_true", help="a tiny random Llama and a few steps")
@@ -392,6 +407,12 @@ def main(argv=None):
     command = "python benchmarks/llm.py " + " ".join(sys.argv[1:] if argv is None else argv)
     start = time.time()
     specs = pieces(args)
+    if args.report_only:
+        paths = {id(s): piece_path(s, args, work) for s in specs}
+        done = [s for s in specs if paths[id(s)].exists()]
+        results = [json.loads(paths[id(s)].read_text()) for s in done]
+        write_report(args, results, out, time.time() - start, command, [s for s in specs if s not in done])
+        return results
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(lambda s: cached_piece(s, args, work), specs))
     if args.methods is None:
