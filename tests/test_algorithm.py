@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from leap_ds import GroupRule, LeapPruner, attach
-from leap_ds.algorithm.group import LEAP_GRAD_SCALE
 from leap_ds.algorithm.masked import LeapMasked
 from tests import tiny_models as tm
 # the independent masks (also used by the multi-rank finalize check): tests/leap_reference.py
@@ -416,11 +415,10 @@ def test_straight_through_gradients(gran, kw, score):
     m[kept] = 1.0
 
     if score == "learned":
-        # LEAP's parameters' gradients arrive scaled by LEAP_GRAD_SCALE (clipping-neutral; Adam is not affected)
-        np.testing.assert_allclose(group.scores.grad.double().numpy() / LEAP_GRAD_SCALE, dl_dm, rtol=1e-4, atol=1e-5)
-    expected_theta_grad = float(np.sum(dl_dm * m)) * LEAP_GRAD_SCALE   # no sigmoid derivative
+        np.testing.assert_allclose(group.scores.grad.double().numpy(), dl_dm, rtol=1e-4, atol=1e-5)
+    expected_theta_grad = float(np.sum(dl_dm * m))        # no sigmoid derivative
     assert group.threshold.grad is not None
-    assert float(group.threshold.grad) == pytest.approx(expected_theta_grad, rel=1e-4, abs=1e-5 * LEAP_GRAD_SCALE)
+    assert float(group.threshold.grad) == pytest.approx(expected_theta_grad, rel=1e-4, abs=1e-5)
     # and the weights themselves get dL/dW~ * mask (the usual gradient through the mask)
     for idx, nm in enumerate(names):
         mod = model.get_submodule(nm)
@@ -497,7 +495,7 @@ def test_regulariser_value_lambda_and_gradient(case):
     for name, s, n in zip(MIXED_MEMBER, sig, MIXED_N):
         expected = lam * 2 * (R - target) * s * (1 - s) * n / sum(MIXED_N) if R > target else 0.0
         grad = group_of(pruner, name).threshold.grad
-        got = 0.0 if grad is None else float(grad) / LEAP_GRAD_SCALE
+        got = 0.0 if grad is None else float(grad)
         assert got == pytest.approx(expected, rel=1e-3, abs=1e-7), name
     # the weights get no gradient from the regulariser
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in (model.ffn.weight, model.ffn.bias))
@@ -546,7 +544,7 @@ def test_two_sided_regulariser_pulls_up_below_the_target():
     for name, s, n in zip(MIXED_MEMBER, sig, MIXED_N):
         expected = lam * 2 * (R - target) * s * (1 - s) * n / sum(MIXED_N)
         assert expected < 0   # gradient descent raises theta: keep more
-        assert float(group_of(pruner, name).threshold.grad) == pytest.approx(expected * LEAP_GRAD_SCALE, rel=1e-3), name
+        assert float(group_of(pruner, name).threshold.grad) == pytest.approx(expected, rel=1e-3), name
 
 
 def test_regularization_loss_needs_a_training_forward():
@@ -906,72 +904,21 @@ def test_fused_magnitude_mask_through_the_reused_buffer_is_exact(monkeypatch):
     assert not errors, errors
 
 
-def _two_layer_leap(seed=0):
+@pytest.mark.xfail(strict=True, reason="known limitation (README, Settings): gradient clipping over every "
+                   "parameter counts LEAP's threshold gradients, which dominate while lambda is large")
+def test_clipping_over_every_parameter_leaves_the_weights_gradients_alone():
     import leap_ds
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("a", nn.Linear(32, 64))
     model.add_module("b", nn.Linear(64, 8))
-    section = {"shared_parameters": {"target_density": 0.3, "threshold_init": 3.0, "threshold_lr": 0.1,
-                                     "score": "learned"},
-               "different_groups": {"all": {"params": {"granularity": "unstructured"}, "modules": [r"^(a|b)$"]}}}
-    pruner = leap_ds.attach(model, section)
-    return model, pruner
-
-
-def _train_step(model, pruner, x, y):
-    loss = F.mse_loss(model(x), y) + pruner.regularization_loss()
-    loss.backward()
-    return loss
-
-
-def test_clipping_over_every_parameter_leaves_the_weights_gradients_alone():
-    """At lambda_max the regulariser's raw gradient on the thresholds is far larger than the
-    weights' gradient; clipping over model.parameters() (DeepSpeed's gradient_clipping, the HF
-    Trainer's max_grad_norm) must not shrink the weights' gradients through it."""
-    model, pruner = _two_layer_leap()
+    pruner = leap_ds.attach(model, {
+        "shared_parameters": {"target_density": 0.3, "threshold_init": 3.0, "threshold_lr": 0.1},
+        "different_groups": {"all": {"params": {"granularity": "unstructured"}, "modules": [r"^(a|b)$"]}}})
     torch.manual_seed(1)
-    _train_step(model, pruner, torch.randn(16, 32), torch.randn(16, 8))
+    (F.mse_loss(model(torch.randn(16, 32)), torch.randn(16, 8)) + pruner.regularization_loss()).backward()
     assert pruner.last_lambda > 1000
     leap_ids = {id(p) for p in pruner.parameters()}
-    weights = [p for p in model.parameters() if id(p) not in leap_ids]
-    norm_w = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in weights]))
-    theta = torch.stack([p.grad.norm() for p in pruner.parameters("threshold")])
-    assert float(theta.norm()) / LEAP_GRAD_SCALE > 10 * float(norm_w)   # unscaled, it would dominate
+    norm_w = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if id(p) not in leap_ids]))
     norm_all = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-    assert float(norm_all) == pytest.approx(float(norm_w), rel=1e-3)
-
-
-def test_adam_steps_of_leap_parameters_are_those_of_the_unscaled_gradients():
-    """The scaled gradients and scaled eps give the Adam steps of the unscaled gradients with the
-    weights' eps: compared with torch AdamW stepping copies on gradients / LEAP_GRAD_SCALE."""
-    import leap_ds
-    model, pruner = _two_layer_leap()
-    opt = torch.optim.AdamW(leap_ds.param_groups(model.parameters(), pruner), lr=1e-3, eps=1e-6)
-    leap_ds.follow_optimizer(pruner, opt)
-    groups = {g["leap_kind"]: g for g in opt.param_groups if "leap_kind" in g}
-    twins = {kind: [p.detach().clone().requires_grad_(True) for p in g["params"]] for kind, g in groups.items()}
-    ref = torch.optim.AdamW([{"params": twins[k], "lr": g["lr"], "betas": g["betas"], "weight_decay": 0.0}
-                             for k, g in groups.items()], eps=1e-6)
-    torch.manual_seed(2)
-    for _ in range(4):
-        opt.zero_grad()
-        _train_step(model, pruner, torch.randn(16, 32), torch.randn(16, 8))
-        for kind, g in groups.items():
-            for p, twin in zip(g["params"], twins[kind]):
-                twin.grad = p.grad / LEAP_GRAD_SCALE
-        opt.step()
-        ref.step()
-        assert all(g["eps"] == pytest.approx(1e-6 * LEAP_GRAD_SCALE) for g in groups.values())
-        for kind, g in groups.items():
-            for p, twin in zip(g["params"], twins[kind]):
-                torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-5, atol=1e-7)
-    assert float(next(pruner.parameters("threshold")).detach()) < 3.0 - 0.002   # the thresholds did move
-
-
-def test_leap_refuses_an_optimizer_that_is_not_adam_family():
-    import leap_ds
-    model, pruner = _two_layer_leap()
-    opt = torch.optim.SGD(leap_ds.param_groups(model.parameters(), pruner), lr=0.1)
-    with pytest.raises(leap_ds.LeapUsageError, match="not an Adam-family optimizer.*Use Adam or AdamW"):
-        leap_ds.follow_optimizer(pruner, opt)
+    assert float(norm_all) == pytest.approx(float(norm_w), rel=1e-2)

@@ -100,10 +100,8 @@ def test_quality_structured_and_leap_variant_mechanics(tmp_path, tiny_model_dir)
     assert torch.equal(masked, expected)
     upstream = torch.randn_like(w)
     (masked * upstream).sum().backward()
-    # straight-through: dL/dscore = upstream * W, times d(|W| (1 + s))/ds = |W| (and leap_ds's
-    # clipping-neutral LEAP_GRAD_SCALE)
-    from leap_ds.algorithm.group import LEAP_GRAD_SCALE
-    assert torch.allclose(g.module.scores.grad / LEAP_GRAD_SCALE, (upstream * w * w.abs()).flatten().detach())
+    # straight-through: dL/dscore = upstream * W, times d(|W| (1 + s))/ds = |W|
+    assert torch.allclose(g.module.scores.grad, (upstream * w * w.abs()).flatten().detach())
     assert isinstance(g.module._parameters["scores"], torch.nn.Parameter)  # the lent product was given back
 
 

@@ -7,31 +7,6 @@ from torch import nn
 from .mask import keep_ratio, kept_units, kept_units_tensor, masked_weight, select_on_host, topk_mask
 
 
-# LEAP's parameters enter the graph with their gradients multiplied by this (and their Adam eps
-# by the same factor, in sync_leap_param_groups), which leaves Adam's steps unchanged. Why: while
-# lambda is large the regulariser's gradient on the thresholds reaches 50-1000 in norm, and
-# gradient clipping over every parameter (DeepSpeed's gradient_clipping, the HF Trainer's
-# max_grad_norm) then scaled the weights' gradients by 0.02 or less: the weights stopped training
-# while the model was pruned. A power of two: exact in fp16/bf16/fp32; it also keeps an fp16 loss
-# scale from overflowing on the thresholds.
-LEAP_GRAD_SCALE = 2.0 ** -20
-
-
-class _ScaledGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor):
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * LEAP_GRAD_SCALE
-
-
-def _leap_input(param: torch.Tensor | None) -> torch.Tensor | None:
-    """A LEAP parameter as the graph uses it: the same values, its gradient scaled by LEAP_GRAD_SCALE."""
-    return None if param is None else _ScaledGradient.apply(param)
-
-
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: an activation-checkpointing recompute."""
     return torch._C._current_graph_task_id() != -1
@@ -101,12 +76,11 @@ class LeapGroup(nn.Module):
         for the regulariser (once per forward; a checkpointing recompute in
         the backward pass is not a new forward).
         """
-        threshold, learned = _leap_input(self.threshold), _leap_input(self.scores)
-        keep = keep_ratio(threshold)
+        keep = keep_ratio(self.threshold)
         if weight is not None:
-            scores = learned                # None: magnitude |W|, computed inside
+            scores = self.scores            # None: magnitude |W|, computed inside
         else:
-            scores = self._of_set(learned, set_index) if learned is not None else magnitude_scores
+            scores = self._of_set(self.scores, set_index) if self.scores is not None else magnitude_scores
             if scores is None:
                 scores = self._of_set(self.unit_scores, set_index)
             if scores is None:
@@ -114,9 +88,9 @@ class LeapGroup(nn.Module):
         if not self.pruning_active:
             # all kept; multiplying by zero keeps every LEAP parameter in the graph
             # so optimizers and ZeRO see a (zero) gradient rather than none
-            zero = 0.0 * threshold.sum()
-            if learned is not None:
-                zero = zero + 0.0 * learned.sum()
+            zero = 0.0 * self.threshold.sum()
+            if self.scores is not None:
+                zero = zero + 0.0 * self.scores.sum()
             self._record(keep, record, set_index)
             if weight is not None:
                 return weight + zero.to(weight.dtype), keep
@@ -127,11 +101,11 @@ class LeapGroup(nn.Module):
             k = self.kept_units() if select_on_host(weight) else self.kept_units_tensor()
             keep = keep + (k / self.num_units - keep).detach()
             self._record(keep, record, set_index)
-            return masked_weight(weight, threshold, scores, k), keep
+            return masked_weight(weight, self.threshold, scores, k), keep
         k = self.kept_units_tensor()
         keep = keep + (k / self.num_units - keep).detach()
         self._record(keep, record, set_index)
-        return topk_mask(scores, threshold, k), keep
+        return topk_mask(scores, self.threshold, k), keep
 
     def kept_units_tensor(self) -> torch.Tensor:
         """Units kept (per set) at the current threshold, on its device."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .group import LEAP_GRAD_SCALE, LeapGroup
+from .group import LeapGroup
 from .masked import LeapMasked, mask_module, unmask_module
 from .mask import topk_bool
 from .regularizer import DEFAULT_DENSITY_TOLERANCE, adaptive_lambda, density_regularizer, global_density
@@ -296,12 +296,6 @@ class LeapPruner:
         own betas; after each step that updated the thresholds (an fp16 overflow skips the
         inner step, and gradient accumulation calls it once per boundary) LEAP advances.
         Returns the hook handles."""
-        if not isinstance(getattr(optimizer, "defaults", {}).get("eps"), float):
-            raise LeapUsageError(
-                f"{type(optimizer).__name__} is not an Adam-family optimizer (no 'eps' setting): LEAP's "
-                f"thresholds need per-parameter normalised steps (their gradients are scaled down so that "
-                f"gradient clipping leaves the weights alone, and the budget check assumes Adam's steps). "
-                f"Use Adam or AdamW (DeepSpeed: \"optimizer\": {{\"type\": \"AdamW\"}}).")
         return [optimizer.register_step_pre_hook(self._before_optimizer_step),
                 optimizer.register_step_post_hook(self._after_optimizer_step)]
 
@@ -477,8 +471,7 @@ class LeapPruner:
 
 def sync_leap_param_groups(param_groups: list[dict], reference_lr: float | None) -> None:
     """Before an optimizer step: LEAP's groups get their own betas back (OneCycle-style
-    schedulers cycle every group's momentum), Adam's eps scaled like their gradients
-    (LEAP_GRAD_SCALE), and follow the weights' lr schedule.
+    schedulers cycle every group's momentum) and follow the weights' lr schedule.
 
     Schedulers that set one lr for every group (DeepSpeed's WarmupLR, WarmupDecayLR, OneCycle,
     torch's OneCycleLR with a single max_lr) leave LEAP's group at the weights' lr: it is set to
@@ -493,8 +486,5 @@ def sync_leap_param_groups(param_groups: list[dict], reference_lr: float | None)
             continue
         if LEAP_BETAS in g and "betas" in g:
             g["betas"] = tuple(g[LEAP_BETAS])
-        if "eps" in weights:
-            # LEAP's gradients arrive scaled by LEAP_GRAD_SCALE (group.py): eps alike, Adam's steps unchanged
-            g["eps"] = float(weights["eps"]) * LEAP_GRAD_SCALE
         if weights is not None and reference_lr and g["lr"] == weights["lr"] and g[LEAP_LR] != reference_lr:
             g["lr"] = g[LEAP_LR] * weights["lr"] / reference_lr

@@ -24,7 +24,6 @@ import logging
 import deepspeed
 import torch
 
-from ..algorithm.group import LEAP_GRAD_SCALE
 from ..algorithm.pruner import LEAP_BETAS, LEAP_KIND, LEAP_LR, LeapPruner, LeapUsageError, sync_leap_param_groups
 from ..algorithm.selection import LeapConfigError
 from .config import LeapSection, load_ds_config, parse_leap_section, split_config
@@ -81,10 +80,8 @@ def param_groups(params, pruner: LeapPruner, threshold_lr: float | None = None,
     for kind, lr in (("threshold", threshold_lr), ("scores", score_lr)):
         owned = list(pruner.parameters(kind))
         if owned:  # never an empty group: ZeRO cannot flatten one
-            # eps: Adam's default, scaled like LEAP's gradients (LEAP_GRAD_SCALE); before each step
-            # follow_optimizer rescales it from the weights' own eps
             group = {"params": owned, "lr": lr, LEAP_LR: lr, LEAP_KIND: kind, "weight_decay": 0.0,
-                     "eps": 1e-8 * LEAP_GRAD_SCALE, "name": f"leap_{kind}"}
+                     "name": f"leap_{kind}"}
             if kind == "threshold":
                 group["betas"] = group[LEAP_BETAS] = tuple(defaults.threshold_betas)
             groups.append(group)
