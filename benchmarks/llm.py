@@ -283,11 +283,13 @@ def leap_verdicts(rows) -> list[str]:
             lines.append(f"- {leg} {target}: LEAP density {leap['density']:.4f}; no baseline has run at this leg yet.")
             continue
         best = min(others, key=lambda r: r["test_perplexity"])
+        unequal = sorted({round(r["density"], 4) for r in others if abs(r["density"] - leap["density"]) > 0.01})
+        at = f" (baselines at density {', '.join(map(str, unequal))}, not LEAP's)" if unequal else ""
         verdict = ("beats every baseline" if leap["test_perplexity"] < best["test_perplexity"] else
                    f"does not beat {LABELS[best['method']]} ({best['test_perplexity']:.2f})")
         lines.append(f"- {leg} {target}: LEAP density {leap['density']:.4f} ({gap:+.4f} from the target, "
                      f"{'within' if abs(gap) <= 0.01 else 'outside'} 0.01); test perplexity "
-                     f"{leap['test_perplexity']:.2f}, {verdict}.")
+                     f"{leap['test_perplexity']:.2f}, {verdict}{at}.")
     return lines
 
 
