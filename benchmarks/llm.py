@@ -184,6 +184,12 @@ def settings(args) -> dict:
     return {k: getattr(args, k) for k in ("model", "block_size", "steps", "eval_blocks", "calib_blocks", "seed")}
 
 
+def passthrough(args) -> list[str]:
+    """A child piece's command-line settings: the cache key's settings and the thread count."""
+    items = {**settings(args), "threads": args.threads}
+    return [arg for k, v in items.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def piece_key(spec, args) -> str:
     config = CONFIGS[spec["leg"]].read_text() if spec["leg"] in CONFIGS else ""
     blob = json.dumps({"spec": spec, "settings": settings(args), "config": config}, sort_keys=True)
@@ -244,6 +250,15 @@ def piece_path(spec, args, work: Path) -> Path:
     return work / f"{spec['leg']}-{spec['density']}-{spec['method']}-{piece_key(spec, args)}.json"
 
 
+def run_and_store(spec: dict, args, path: Path) -> dict:
+    """Run one piece in this process and write its result (with its wall time) to ``path``."""
+    t0 = time.time()
+    result = run_piece(spec, args)
+    result["wall_s"] = round(time.time() - t0)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def cached_piece(spec, args, work: Path) -> dict:
     """A piece's result from the cache, or run (in a child process when ``--jobs`` > 0) and cached."""
     path = piece_path(spec, args, work)
@@ -252,16 +267,14 @@ def cached_piece(spec, args, work: Path) -> dict:
     t0 = time.time()
     if args.jobs:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--piece", json.dumps(spec), "--result", str(path),
-               *args.passthrough]
+               *passthrough(args)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"piece {spec} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         result = json.loads(path.read_text())
     else:
-        result = run_piece(spec, args)
-        result["wall_s"] = round(time.time() - t0)
-        path.write_text(json.dumps(result, indent=1))
+        result = run_and_store(spec, args, path)
     print(f"  {spec['leg']} {spec['density']} {spec['method']}: {time.time() - t0:.0f} s", flush=True)
     return result
 
@@ -395,14 +408,7 @@ def main(argv=None):
         args.steps, args.block_size, args.eval_blocks, args.calib_blocks = 6, 32, 8, 4
     if args.piece:                      # a child: one piece, written where the parent reads it
         torch.set_num_threads(args.threads)
-        t0 = time.time()
-        result = run_piece(json.loads(args.piece), args)
-        result["wall_s"] = round(time.time() - t0)
-        Path(args.result).write_text(json.dumps(result, indent=1))
-        return result
-    args.passthrough = ["--model", args.model, "--block-size", str(args.block_size), "--steps", str(args.steps),
-                        "--eval-blocks", str(args.eval_blocks), "--calib-blocks", str(args.calib_blocks),
-                        "--seed", str(args.seed), "--threads", str(args.threads)]
+        return run_and_store(json.loads(args.piece), args, Path(args.result))
     out = Path(args.out)
     work = Path(args.work_dir or out / "llm_cache")
     work.mkdir(parents=True, exist_ok=True)
