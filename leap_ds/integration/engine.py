@@ -24,6 +24,7 @@ import logging
 import deepspeed
 import torch
 
+from ..algorithm.group import LEAP_GRAD_SCALE
 from ..algorithm.pruner import LEAP_BETAS, LEAP_KIND, LEAP_LR, LeapPruner, LeapUsageError, sync_leap_param_groups
 from ..algorithm.selection import LeapConfigError
 from .config import LeapSection, load_ds_config, parse_leap_section, split_config
@@ -84,6 +85,9 @@ def param_groups(params, pruner: LeapPruner, threshold_lr: float | None = None,
                      "name": f"leap_{kind}"}
             if kind == "threshold":
                 group["betas"] = group[LEAP_BETAS] = tuple(defaults.threshold_betas)
+                # eps: Adam's default, scaled like the thresholds' gradients (LEAP_GRAD_SCALE);
+                # before each step follow_optimizer rescales it from the weights' own eps
+                group["eps"] = 1e-8 * LEAP_GRAD_SCALE
             groups.append(group)
     return groups
 
