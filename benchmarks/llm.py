@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+ALGORITHM = ROOT / "leap_ds" / "algorithm"   # its source is part of a LEAP piece's cache key
 CONFIGS = {"unstructured": ROOT / "ds_configs" / "llama_unstructured.json",
            "structured": ROOT / "ds_configs" / "llama_structured.json"}
 DEFAULT_LEGS = "unstructured:0.5,structured:0.7,structured:0.5"
@@ -192,7 +193,11 @@ def passthrough(args) -> list[str]:
 
 def piece_key(spec, args) -> str:
     config = CONFIGS[spec["leg"]].read_text() if spec["leg"] in CONFIGS else ""
-    blob = json.dumps({"spec": spec, "settings": settings(args), "config": config}, sort_keys=True)
+    key = {"spec": spec, "settings": settings(args), "config": config}
+    if spec["method"] == "leap":
+        # a LEAP piece's result depends on the pruning algorithm's code: a change to it reruns the piece
+        key["algorithm"] = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(ALGORITHM.glob("*.py")))).hexdigest()
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -269,9 +274,15 @@ def cached_piece(spec, args, work: Path) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--piece", json.dumps(spec), "--result", str(path),
                *passthrough(args)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        # the child's output goes to a log beside its result, not a pipe: killing this process
+        # leaves running pieces to finish and be cached
+        log = path.with_suffix(".log")
+        with open(log, "w") as out:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"piece {spec} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            raise RuntimeError(f"piece {spec} failed ({proc.returncode}); its output, {log}:\n{log.read_text()[-6000:]}")
+        log.unlink()
         result = json.loads(path.read_text())
     else:
         result = run_and_store(spec, args, path)
