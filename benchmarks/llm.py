@@ -56,7 +56,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ALGORITHM = ROOT / "leap_ds" / "algorithm"   # its source is part of a LEAP piece's cache key
 CONFIGS = {"unstructured": ROOT / "ds_configs" / "llama_unstructured.json",
            "structured": ROOT / "ds_configs" / "llama_structured.json"}
 DEFAULT_LEGS = "unstructured:0.5,structured:0.7,structured:0.5"
@@ -196,7 +195,8 @@ def piece_key(spec, args) -> str:
     key = {"spec": spec, "settings": settings(args), "config": config}
     if spec["method"] == "leap":
         # a LEAP piece's result depends on the pruning algorithm's code: a change to it reruns the piece
-        key["algorithm"] = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(ALGORITHM.glob("*.py")))).hexdigest()
+        from benchmarks.machine import algorithm_version
+        key["algorithm"] = algorithm_version()
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -1,10 +1,20 @@
 """What a benchmark ran on, written beside its figures."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import os
 import platform
 import subprocess
+from pathlib import Path
+
+ALGORITHM = Path(__file__).resolve().parents[1] / "leap_ds" / "algorithm"
+
+
+def algorithm_version() -> str:
+    """A hash of the pruning algorithm's source: part of a cached LEAP run's key, so that a change
+    to the algorithm reruns it (the baselines do not depend on it)."""
+    return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(ALGORITHM.glob("*.py")))).hexdigest()
 
 
 def machine_info() -> dict:

@@ -278,8 +278,9 @@ def method_settings(args, method) -> dict:
     if method == "soft_movement":
         return {"score_lr": args.soft_score_lr}
     if method in LEAP_VARIANTS:
+        from benchmarks.machine import algorithm_version
         variant = LEAP_VARIANTS[method]
-        return {"leap": args.leap_shared, "variant": asdict(variant),
+        return {"leap": args.leap_shared, "variant": asdict(variant), "algorithm": algorithm_version(),
                 **({"matched_lr": args.matched_lr} if variant.matched_lr else {})}
     return {}
 
