@@ -119,7 +119,8 @@ def counted_density(model, raw_config) -> float:
 def fine_tune(model, teacher, task, train, steps, lr, raw_config, leap=False, seed=42):
     """The shared budget: AdamW, 10% warmup + linear decay, distillation. Mask fixed (zeros stay zero)
     unless ``leap``, where LEAP is attached and finalized at the end. Returns the model, LEAP's
-    reported density (None otherwise) and LEAP's density every 10 steps."""
+    reported density (None otherwise) and LEAP's density every 10 steps (the last entry also each
+    group's density and size)."""
     import leap_ds
     from leap_ds.integration.engine import follow_optimizer, param_groups
     model.train().requires_grad_(True)   # one-shot copies of the frozen dense model
@@ -154,6 +155,8 @@ def fine_tune(model, teacher, task, train, steps, lr, raw_config, leap=False, se
         if leap and ((step + 1) % 10 == 0 or step + 1 == steps):
             rep = pruner.report()
             history.append({"step": step + 1, "density": rep["global_density"], "lambda": rep["lambda"]})
+            if step + 1 == steps:   # the allocation LEAP learned, against the one-shot methods' uniform cut
+                history[-1]["groups"] = {g["name"]: {"density": g["density"], "weights": g["weights"]} for g in rep["groups"]}
     if leap:
         density = pruner.report()["global_density"]
         pruner.finalize()

@@ -81,6 +81,9 @@ def test_smoke_rows_densities_perplexity_and_cache(llm, tiny_llama, tmp_path):
             assert r["test_perplexity"] != base["test_perplexity"]   # and the weights did train
         if r["method"] == "leap":
             assert len(r["history"]) == 1 and r["history"][-1]["density"] == pytest.approx(r["density"])
+            groups = r["history"][-1]["groups"].values()   # the learned allocation adds up to the density
+            assert sum(g["density"] * g["weights"] for g in groups) / sum(g["weights"] for g in groups) == \
+                pytest.approx(r["density"])
 
     # dense perplexity: every block has the same length, so it is exp(mean HF loss) over the test blocks
     from transformers import AutoModelForCausalLM

@@ -254,3 +254,41 @@ def test_pipeline_engine_is_refused_at_initialize():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "refused:" in proc.stdout and "pipeline engine" in proc.stdout, proc.stdout[-2000:]
+
+
+CLIPPING_CHECK = r"""
+import logging, sys, deepspeed, leap_ds
+from torch import nn
+from tests import tiny_models as tm
+logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
+deepspeed.init_distributed(dist_backend="gloo")
+section = tm.leap_section({"all": {"params": {"granularity": "unstructured"}, "modules": [r"^\d+$"]}})
+for clip in (0.0, 1.0):
+    print("clip", clip, flush=True)
+    leap_ds.initialize(model=nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)),
+                       config={**tm.ds_config(leap=section), "gradient_clipping": clip})
+"""
+
+
+def test_unclipped_training_is_warned_about(caplog):
+    """LEAP's settings are tuned with gradient clipping at 1.0: the engine hook and the HF Trainer
+    (max_grad_norm) warn when it is off, naming the setting and the fix."""
+    from leap_ds.integration.engine import warn_if_unclipped
+    with caplog.at_level("WARNING", logger="leap_ds"):
+        assert [warn_if_unclipped(v, "max_grad_norm") for v in (1.0, 0.5, "auto", 0, 0.0, None)] == \
+            [False, False, False, True, True, True]
+    assert caplog.text.count("Set max_grad_norm to 1.0") == 3
+
+
+def test_initialize_warns_when_gradient_clipping_is_off():
+    import subprocess
+    import sys
+    from tests.conftest import ROOT, dist_env, free_port
+    env = {**dist_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", CLIPPING_CHECK], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unclipped, clipped = proc.stdout.split("clip 1.0")
+    assert "gradient_clipping is 0.0" in unclipped and "Set gradient_clipping to 1.0" in unclipped, proc.stdout[-2000:]
+    assert "gradient_clipping is" not in clipped

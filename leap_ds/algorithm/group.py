@@ -7,30 +7,6 @@ from torch import nn
 from .mask import keep_ratio, kept_units, kept_units_tensor, masked_weight, select_on_host, topk_mask
 
 
-# The thresholds enter the graph with their gradients multiplied by this (and their Adam eps by
-# the same factor, in sync_leap_param_groups), which leaves Adam's steps unchanged. Why: while
-# lambda is large the regulariser's gradient on the thresholds reaches 50-1000 in norm, and
-# gradient clipping over every parameter (DeepSpeed's gradient_clipping, the HF Trainer's
-# max_grad_norm) then scaled the weights' gradients by 0.02 or less: the weights stopped training
-# while the model was pruned. A power of two (exact in fp16/bf16/fp32), small enough to vanish
-# from any clipping norm, large enough that an fp16 loss scale keeps the gradients normal.
-LEAP_GRAD_SCALE = 2.0 ** -16
-
-
-class _ThresholdGradient(torch.autograd.Function):
-    """Identity forward; backward multiplies by the group's ``threshold_grad_factor`` as it is
-    when the backward runs (the pruner sets it after the forward, in regularization_loss)."""
-
-    @staticmethod
-    def forward(ctx, threshold, group):
-        ctx.group = group
-        return threshold.view_as(threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.group.threshold_grad_factor, None
-
-
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: an activation-checkpointing recompute."""
     return torch._C._current_graph_task_id() != -1
@@ -52,10 +28,6 @@ class LeapGroup(nn.Module):
     """
 
     multiple_of = 1   # (class default: groups pickled before the setting existed)
-    # LEAP_GRAD_SCALE x the clip factor of the regulariser's pull; the pruner sets it before each backward
-    threshold_grad_factor = LEAP_GRAD_SCALE
-    # d sigmoid(theta) / d theta at the last training forward (the pruner measures that pull with it)
-    last_slope: torch.Tensor | None = None
 
     def __init__(self, num_units: int, threshold_init: float = 10.0, learned_scores: bool = False,
                  fused: bool = False, shared_scores: bool = False, num_sets: int = 1, multiple_of: int = 1):
@@ -104,9 +76,7 @@ class LeapGroup(nn.Module):
         for the regulariser (once per forward; a checkpointing recompute in
         the backward pass is not a new forward).
         """
-        threshold = _ThresholdGradient.apply(self.threshold, self)
-        keep = keep_ratio(threshold)
-        slope = (keep * (1 - keep)).detach()
+        keep = keep_ratio(self.threshold)
         if weight is not None:
             scores = self.scores            # None: magnitude |W|, computed inside
         else:
@@ -118,10 +88,10 @@ class LeapGroup(nn.Module):
         if not self.pruning_active:
             # all kept; multiplying by zero keeps every LEAP parameter in the graph
             # so optimizers and ZeRO see a (zero) gradient rather than none
-            zero = 0.0 * threshold.sum()
+            zero = 0.0 * self.threshold.sum()
             if self.scores is not None:
                 zero = zero + 0.0 * self.scores.sum()
-            self._record(keep, slope, record, set_index)
+            self._record(keep, record, set_index)
             if weight is not None:
                 return weight + zero.to(weight.dtype), keep
             return torch.ones(self.num_units, device=keep.device) + zero.float(), keep
@@ -130,12 +100,12 @@ class LeapGroup(nn.Module):
             # is fastest; on an accelerator k and the cut stay on the device
             k = self.kept_units() if select_on_host(weight) else self.kept_units_tensor()
             keep = keep + (k / self.num_units - keep).detach()
-            self._record(keep, slope, record, set_index)
-            return masked_weight(weight, threshold, scores, k), keep
+            self._record(keep, record, set_index)
+            return masked_weight(weight, self.threshold, scores, k), keep
         k = self.kept_units_tensor()
         keep = keep + (k / self.num_units - keep).detach()
-        self._record(keep, slope, record, set_index)
-        return topk_mask(scores, threshold, k), keep
+        self._record(keep, record, set_index)
+        return topk_mask(scores, self.threshold, k), keep
 
     def kept_units_tensor(self) -> torch.Tensor:
         """Units kept (per set) at the current threshold, on its device."""
@@ -147,10 +117,9 @@ class LeapGroup(nn.Module):
             threshold_value = float(self.threshold.detach().float())
         return kept_units(threshold_value, self.num_units, self.multiple_of)
 
-    def _record(self, keep: torch.Tensor, slope: torch.Tensor, record: bool, set_index: int) -> None:
+    def _record(self, keep: torch.Tensor, record: bool, set_index: int) -> None:
         if record and set_index not in self.pending_keep and torch.is_grad_enabled() and not _in_backward():
             self.pending_keep[set_index] = keep
-            self.last_slope = slope
 
     def extra_repr(self) -> str:
         kind = "learned" if self.scores is not None else "magnitude"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .group import LEAP_GRAD_SCALE, LeapGroup
+from .group import LeapGroup
 from .masked import LeapMasked, mask_module, unmask_module
 from .mask import topk_bool
 from .regularizer import DEFAULT_DENSITY_TOLERANCE, adaptive_lambda, density_regularizer, global_density
@@ -147,7 +147,6 @@ class LeapPruner:
         self.step = 0                    # optimizer steps actually applied
         self.last_lambda = 0.0
         self.last_reg_loss = 0.0
-        self.last_regulariser_clip = 1.0
         self.finalized = False
         self.reference_lr: float | None = None   # the weights' peak lr, for LEAP's lr schedule
         self._reg_built = 0              # regulariser terms built since the last optimizer step
@@ -258,41 +257,10 @@ class LeapPruner:
                                                lambda_min=self.lambda_min,
                                                density_tolerance=self.density_tolerance)
             term = self.last_lambda * reg
-        self._clip_regulariser_pull(density)
         if term.requires_grad:
             self._reg_built += 1
             term.register_hook(self._count_backpropagated)
         return term
-
-    def _clip_regulariser_pull(self, density: torch.Tensor) -> None:
-        """Scale the thresholds' gradients of this backward by min(1, 1 / |d(lambda L_reg)/d theta|).
-
-        LEAP's settings (threshold_lr, lambda_min, threshold_betas) were tuned, like the
-        authors', under gradient clipping over every parameter: while lambda is large the
-        regulariser's gradient dominated the clipped norm, so each threshold step came from a
-        gradient of norm about 1. The thresholds now hide from that clipping (LEAP_GRAD_SCALE,
-        so that it no longer starves the weights); clipping the regulariser's own pull to norm 1
-        keeps the tuned dynamics. Without it Adam's second moment remembers the early gradients
-        (lambda ~ 2e4) for tens of steps after lambda falls, and the thresholds stall above the
-        target. The norm is closed form: d(lambda L_reg)/d theta_m = lambda dL_reg/dR
-        sigmoid'(theta_m) sum_{g of m} N_g / N, identical on every rank."""
-        modules: dict[int, list] = {}
-        total = float(sum(g.num_weights for g in self.groups))
-        for g in self.groups:
-            modules.setdefault(id(g.module), [g.module, 0.0])[1] += g.num_weights / total
-        factor = 1.0
-        if self.pruning_active and self.last_lambda > 0:
-            slopes = torch.stack([m.last_slope.reshape(()).to(density.device) * share
-                                  for m, share in modules.values()])
-            value, slope_norm = torch.stack([density.detach().reshape(()).float(),
-                                             torch.linalg.vector_norm(slopes)]).tolist()  # one host sync
-            gap = value - self.target_density
-            d_reg = 2 * (gap if self.two_sided else max(gap, 0.0))
-            norm = abs(self.last_lambda * d_reg) * slope_norm
-            factor = 1.0 / max(1.0, norm)
-        self.last_regulariser_clip = factor
-        for m, _ in modules.values():
-            m.threshold_grad_factor = LEAP_GRAD_SCALE * factor
 
     def _count_backpropagated(self, grad):
         self._reg_backpropagated += 1
@@ -328,12 +296,6 @@ class LeapPruner:
         own betas; after each step that updated the thresholds (an fp16 overflow skips the
         inner step, and gradient accumulation calls it once per boundary) LEAP advances.
         Returns the hook handles."""
-        if not isinstance(getattr(optimizer, "defaults", {}).get("eps"), float):
-            raise LeapUsageError(
-                f"{type(optimizer).__name__} is not an Adam-family optimizer (no 'eps' setting): LEAP's "
-                f"thresholds need per-parameter normalised steps (their gradients are scaled down so that "
-                f"gradient clipping leaves the weights alone, and the budget check assumes Adam's steps). "
-                f"Use Adam or AdamW (DeepSpeed: \"optimizer\": {{\"type\": \"AdamW\"}}).")
         return [optimizer.register_step_pre_hook(self._before_optimizer_step),
                 optimizer.register_step_post_hook(self._after_optimizer_step)]
 
@@ -509,8 +471,7 @@ class LeapPruner:
 
 def sync_leap_param_groups(param_groups: list[dict], reference_lr: float | None) -> None:
     """Before an optimizer step: LEAP's groups get their own betas back (OneCycle-style
-    schedulers cycle every group's momentum), the thresholds' Adam eps scaled like their
-    gradients (LEAP_GRAD_SCALE), and follow the weights' lr schedule.
+    schedulers cycle every group's momentum) and follow the weights' lr schedule.
 
     Schedulers that set one lr for every group (DeepSpeed's WarmupLR, WarmupDecayLR, OneCycle,
     torch's OneCycleLR with a single max_lr) leave LEAP's group at the weights' lr: it is set to
@@ -525,8 +486,5 @@ def sync_leap_param_groups(param_groups: list[dict], reference_lr: float | None)
             continue
         if LEAP_BETAS in g and "betas" in g:
             g["betas"] = tuple(g[LEAP_BETAS])
-        if g.get(LEAP_KIND) == "threshold" and "eps" in weights:
-            # the thresholds' gradients arrive scaled by LEAP_GRAD_SCALE (group.py): eps alike, Adam's steps unchanged
-            g["eps"] = float(weights["eps"]) * LEAP_GRAD_SCALE
         if weights is not None and reference_lr and g["lr"] == weights["lr"] and g[LEAP_LR] != reference_lr:
             g["lr"] = g[LEAP_LR] * weights["lr"] / reference_lr

@@ -42,7 +42,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..algorithm.pruner import LEAP_LR, LeapPruner, LeapUsageError
 from ..algorithm.selection import LeapConfigError
 from ..integration.config import SECTION
-from ..integration.engine import attach, pruner_of
+from ..integration.engine import attach, pruner_of, warn_if_unclipped
 from .accelerator import LeapAccelerator, add_leap_groups, take_leap_section
 from .export import LEAP_REPORT_NAME, plain_state_dict
 
@@ -130,6 +130,7 @@ class LeapTrainer(Trainer):
                                  "config)), or let the Trainer build it (optimizer_cls_and_kwargs=...)")
         self._leap_resume_dir = None
         super().__init__(*args, **kwargs)
+        warn_if_unclipped(self.args.max_grad_norm, "max_grad_norm")
         # each micro batch's mean loss, averaged as the DeepSpeed engine loop does: Trainer's
         # num_items_in_batch path multiplies the loss by the rank count and skips the division by
         # the accumulation steps, which would scale the regulariser riding in it (lambda) by both
