@@ -227,6 +227,20 @@ def test_leap_lrs_follow_each_scheduler_and_keep_their_betas(name):
         assert len({groups[0][1] for groups in seen}) > 1   # it cycled the weights' momentum
 
 
+def run_as_rank_zero(script: str):
+    """Run a Python script as rank 0 of a one-process group (a pipeline module, DeepSpeed's
+    initialize need one); fail with its stderr if it fails."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT, dist_env, free_port
+    env = {**dist_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 PIPELINE_CHECK = r"""
 import deepspeed, leap_ds
 from torch import nn
@@ -245,14 +259,7 @@ except leap_ds.LeapConfigError as e:
 def test_pipeline_engine_is_refused_at_initialize():
     """PipelineEngine.train_batch bypasses the hooks LEAP needs: refused before any engine exists
     (in a subprocess: a pipeline module needs a process group)."""
-    import subprocess
-    import sys
-    from tests.conftest import ROOT, dist_env, free_port
-    env = {**dist_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", PIPELINE_CHECK], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_as_rank_zero(PIPELINE_CHECK)
     assert "refused:" in proc.stdout and "pipeline engine" in proc.stdout, proc.stdout[-2000:]
 
 
@@ -280,15 +287,21 @@ def test_unclipped_training_is_warned_about(caplog):
     assert caplog.text.count("Set max_grad_norm to 1.0") == 3
 
 
+def test_leap_trainer_warns_when_max_grad_norm_is_off(tmp_path, caplog):
+    from transformers import TrainingArguments
+    from leap_ds.hf import LeapTrainer
+    section = tm.leap_section(tm.HYBRID_BERT)
+    for max_grad_norm, warned in ((0.0, True), (1.0, False)):
+        caplog.clear()
+        args = TrainingArguments(output_dir=str(tmp_path / str(max_grad_norm)), max_grad_norm=max_grad_norm,
+                                 report_to=[], use_cpu=True)
+        with caplog.at_level("WARNING", logger="leap_ds"):
+            LeapTrainer(model=tm.tiny_bert(), args=args, leap_config={"compression_training": section})
+        assert ("max_grad_norm is 0.0" in caplog.text and "Set max_grad_norm to 1.0" in caplog.text) == warned
+
+
 def test_initialize_warns_when_gradient_clipping_is_off():
-    import subprocess
-    import sys
-    from tests.conftest import ROOT, dist_env, free_port
-    env = {**dist_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", CLIPPING_CHECK], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_as_rank_zero(CLIPPING_CHECK)
     unclipped, clipped = proc.stdout.split("clip 1.0")
     assert "gradient_clipping is 0.0" in unclipped and "Set gradient_clipping to 1.0" in unclipped, proc.stdout[-2000:]
     assert "gradient_clipping is" not in clipped
