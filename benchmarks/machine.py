@@ -1,6 +1,7 @@
 """What a benchmark ran on, written beside its figures."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata as md
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 ALGORITHM = Path(__file__).resolve().parents[1] / "leap_ds" / "algorithm"
 
 
+@functools.cache   # the source does not change within a run; every piece key asks
 def algorithm_version() -> str:
     """A hash of the pruning algorithm's source: part of a cached LEAP run's key, so that a change
     to the algorithm reruns it (the baselines do not depend on it)."""
