@@ -59,6 +59,9 @@ if str(ROOT) not in sys.path:
 CONFIGS = {"unstructured": ROOT / "ds_configs" / "llama_unstructured.json",
            "structured": ROOT / "ds_configs" / "llama_structured.json"}
 DEFAULT_LEGS = "unstructured:0.5,structured:0.7,structured:0.5"
+# the data and budget of every piece (command-line defaults), and what --smoke shrinks them to
+SIZES = {"block_size": 64, "steps": 200, "eval_blocks": 64, "calib_blocks": 32, "seed": 42}
+SMOKE_SIZES = {"block_size": 32, "steps": 6, "eval_blocks": 8, "calib_blocks": 4}
 
 
 def tiny_model_dir() -> str:
@@ -204,14 +207,9 @@ def piece_key(spec, args) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_piece(spec: dict, args) -> dict:
-    """One piece in this process: its rows (one-shot, +ft; or leap; or dense) with dev and test perplexity."""
-    from leap_ds.apps.data import max_samples
+def load_setup(args) -> SimpleNamespace:
+    """What every piece shares: the causal-LM task, the train / dev / test blocks and the frozen dense model."""
     from leap_ds.apps.tasks import create_task
-    from leap_ds.apps.tasks.causal_lm import perplexity
-    from leap_ds.apps.tasks.oneshot import oneshot_magnitude
-    from leap_ds.integration.config import split_config
-    start = time.time()
     targs = SimpleNamespace(task="causal-lm", model=args.model, block_size=args.block_size, train_file=None,
                             validation_file=None, text_column="text", validation_fraction=0.1, seed=args.seed,
                             alpha_ce=0.1, alpha_kd=0.9, temperature=2.0, max_train_samples=None,
@@ -221,25 +219,43 @@ def run_piece(spec: dict, args) -> dict:
     half = len(held_out) // 2
     dev, test = held_out.select(range(half)), held_out.select(range(half, len(held_out)))
     dense = task.new_model().eval().requires_grad_(False)
+    meta = {"train_blocks": len(train), "dev_blocks": len(dev), "test_blocks": len(test)}
+    return SimpleNamespace(task=task, train=train, dev=dev, test=test, dense=dense, meta=meta)
+
+
+def evaluated_row(spec, setup, method, model, density, raw=None, start=None, **extra) -> dict:
+    """One result row: the method's reported and counted density, dev and test perplexity."""
+    from leap_ds.apps.tasks.causal_lm import perplexity
+    row = {"leg": spec["leg"], "target_density": spec["density"], "method": method,
+           "density": density, "counted_density": counted_density(model, raw) if raw else 1.0,
+           "dev_perplexity": perplexity(model, setup.dev)["perplexity"],
+           "test_perplexity": perplexity(model, setup.test)["perplexity"],
+           "elapsed_s": round(time.time() - start), **extra}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_piece(spec: dict, args) -> dict:
+    """One piece in this process: its rows (one-shot, +ft; or leap; or dense) with dev and test perplexity."""
+    from leap_ds.apps.data import max_samples
+    from leap_ds.apps.tasks.oneshot import oneshot_magnitude
+    from leap_ds.integration.config import split_config
+    start = time.time()
+    setup = load_setup(args)
+    dense, train = setup.dense, setup.train
     rows = []
 
     def record(method, model, density, raw=None, **extra):
-        rows.append({"leg": spec["leg"], "target_density": spec["density"], "method": method,
-                     "density": density, "counted_density": counted_density(model, raw) if raw else 1.0,
-                     "dev_perplexity": perplexity(model, dev)["perplexity"],
-                     "test_perplexity": perplexity(model, test)["perplexity"],
-                     "elapsed_s": round(time.time() - start), **extra})
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(evaluated_row(spec, setup, method, model, density, raw, start, **extra))
 
-    meta = {"train_blocks": len(train), "dev_blocks": len(dev), "test_blocks": len(test)}
     if spec["method"] == "dense":
         record("dense", dense, 1.0)
-        return {"rows": rows, "data": meta}
+        return {"rows": rows, "data": setup.meta}
     raw = leg_config(spec["leg"], spec["density"])
     _, section = split_config(raw)
     lr = raw["optimizer"]["params"]["lr"]
     if spec["method"] == "leap":
-        model, density, history = fine_tune(copy.deepcopy(dense).requires_grad_(True), dense, task, train,
+        model, density, history = fine_tune(copy.deepcopy(dense).requires_grad_(True), dense, setup.task, train,
                                             args.steps, lr, raw, leap=True, seed=args.seed)
         record("leap", model, density, raw, history=history)
     else:
@@ -249,9 +265,9 @@ def run_piece(spec: dict, args) -> dict:
             calib = max_samples(train, args.calib_blocks)[:]["input_ids"]
             pruned, density = wanda(dense, raw, calib, spec["density"])
         record(spec["method"], pruned, density, raw)
-        tuned = fine_tune(pruned, dense, task, train, args.steps, lr, raw, seed=args.seed)[0]
+        tuned = fine_tune(pruned, dense, setup.task, train, args.steps, lr, raw, seed=args.seed)[0]
         record(spec["method"] + "+ft", tuned, density, raw)
-    return {"rows": rows, "data": meta}
+    return {"rows": rows, "data": setup.meta}
 
 
 def piece_path(spec, args, work: Path) -> Path:
@@ -396,11 +412,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--legs", default=DEFAULT_LEGS, help="comma-separated config:density (configs: %s)" % ", ".join(CONFIGS))
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--eval-blocks", type=int, default=64, help="per split (development, test)")
-    ap.add_argument("--calib-blocks", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--block-size", type=int, default=SIZES["block_size"])
+    ap.add_argument("--steps", type=int, default=SIZES["steps"])
+    ap.add_argument("--eval-blocks", type=int, default=SIZES["eval_blocks"], help="per split (development, test)")
+    ap.add_argument("--calib-blocks", type=int, default=SIZES["calib_blocks"])
+    ap.add_argument("--seed", type=int, default=SIZES["seed"])
     ap.add_argument("--methods", default=None,
                     help="run only these pieces (comma-separated: dense, magnitude, wanda, leap); the report "
                          "still needs every piece, from the cache")
@@ -419,7 +435,7 @@ def main(argv=None):
     if args.smoke and args.model == "smollm2-135m":
         args.model = tiny_model_dir()
     if args.smoke:
-        args.steps, args.block_size, args.eval_blocks, args.calib_blocks = 6, 32, 8, 4
+        vars(args).update(SMOKE_SIZES)
     if args.piece:                      # a child: one piece, written where the parent reads it
         torch.set_num_threads(args.threads)
         return run_and_store(json.loads(args.piece), args, Path(args.result))

@@ -97,11 +97,50 @@ def test_smoke_rows_densities_perplexity_and_cache(llm, tiny_llama, tmp_path):
     md = (out / "llm.md").read_text()
     assert f"{dense['test_perplexity']:.2f}" in md and "unstructured 0.5: LEAP density" in md
 
+    _check_allocation_experiment(tiny_llama, work, rows, tmp_path)
+
     # a rerun with the same settings runs no piece and reports the same rows
     (out / "llm.json").unlink()
     proc = _smoke(tiny_llama, out, work)
     assert not re.search(r"^  \S+ [\d.]+ \S+: \d+ s$", proc.stdout, re.M)   # a piece that ran prints this
     assert json.loads((out / "llm.json").read_text())["results"] == rows
+
+
+def _check_allocation_experiment(tiny_llama, work, rows, tmp_path):
+    """llm_allocation.py on the smoke LEAP piece: one-shot magnitude at LEAP's per-matrix densities keeps
+    each matrix's largest |w| (recomputed here), exactly as many as LEAP kept, and the mask stays fixed."""
+    from transformers import AutoModelForCausalLM
+    leap = next(r for r in rows if r["method"] == "leap" and r["leg"] == "unstructured")
+    piece = next(work.glob("unstructured-0.5-leap-*.json"))
+    out = tmp_path / "allocation.json"
+    cmd = [sys.executable, str(BENCH / "llm_allocation.py"), "--leap-piece", str(piece), "--out", str(out),
+           "--model", tiny_llama, "--smoke", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dist_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    oneshot, tuned = json.loads(out.read_text())["rows"]
+    assert (oneshot["method"], tuned["method"]) == ("magnitude@leap", "magnitude@leap+ft")
+    assert oneshot["counted_density"] == pytest.approx(leap["density"], abs=1e-9)
+    assert tuned["counted_density"] == pytest.approx(oneshot["counted_density"], abs=1e-9)
+    assert tuned["test_perplexity"] != oneshot["test_perplexity"]
+
+    # the pruning itself, against a recomputation from the dense weights
+    from benchmarks.llm_allocation import allocation_of
+    from leap_ds.apps.tasks.oneshot import oneshot_magnitude_per_group
+    from leap_ds.integration.config import split_config
+    _, kept = allocation_of(json.loads(piece.read_text()))
+    assert len(set(kept.values())) > 1   # LEAP's allocation is not uniform: the check below is not the uniform cut
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval().requires_grad_(False)
+    _, section = split_config(_load().leg_config("unstructured", 0.5))
+    pruned, _ = oneshot_magnitude_per_group(model, section, kept)
+    for name, k in kept.items():
+        name = name.split(":", 1)[1]   # a group's name: "<config group>:<module>"
+        w = model.get_submodule(name).weight.flatten()
+        expected = torch.zeros_like(w)
+        top = w.abs().topk(k).indices
+        expected[top] = w[top]
+        assert torch.equal(pruned.get_submodule(name).weight.flatten(), expected), name
+    with pytest.raises(ValueError, match="missing"):
+        oneshot_magnitude_per_group(model, section, dict(list(kept.items())[1:]))
 
 
 def test_wanda_keeps_each_rows_largest_weight_times_input_norm(llm, tiny_llama):

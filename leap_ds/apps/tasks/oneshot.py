@@ -50,18 +50,39 @@ def closest_ratio(groups, target: float) -> float:
 
 def oneshot_magnitude(model, section, target: float):
     """A pruned copy of ``model`` (a plain module, not an engine) and its global density."""
+    def uniform(groups):
+        ratio = closest_ratio(groups, target)
+        return {g.name: kept_units(g, ratio) for g in groups}
+    return _prune_by_magnitude(model, section, uniform)
+
+
+def oneshot_magnitude_per_group(model, section, kept: dict[str, int]):
+    """A pruned copy of ``model`` keeping ``kept[name]`` units of each group (an allocation another
+    method chose, e.g. LEAP's final one), ranked by magnitude as :func:`oneshot_magnitude` ranks."""
+    def given(groups):
+        names = {g.name for g in groups}
+        if names != set(kept):
+            raise ValueError(f"kept units name {len(set(kept))} groups, the config makes {len(names)}: "
+                             f"missing {sorted(names - set(kept))[:3]}, unknown {sorted(set(kept) - names)[:3]}")
+        return {g.name: int(kept[g.name]) for g in groups}
+    return _prune_by_magnitude(model, section, given)
+
+
+def _prune_by_magnitude(model, section, allocation):
     from leap_ds.integration.engine import attach
     pruned = copy.deepcopy(model)
     pruner = attach(pruned, section)
     groups = pruner.groups
     if any(g.learned for g in groups):
         raise ValueError("one-shot magnitude pruning ranks by magnitude; a group uses learned scores")
-    ratio = closest_ratio(groups, target)
+    kept = allocation(groups)
     with torch.no_grad():
         for g in groups:
-            k = kept_units(g, ratio)
+            k = kept[g.name]
+            if not 0 < k <= g.num_units:
+                raise ValueError(f"group {g.name}: {k} kept units, it has {g.num_units}")
             # theta whose ceil(sigmoid(theta) n) is exactly k, whatever the float rounding
             keep = (k - 0.5) / g.num_units
             g.module.threshold.fill_(math.log(keep / (1 - keep)))
     pruner.finalize()
-    return pruned, _global_density(groups, ratio)
+    return pruned, sum(kept[g.name] * g.weights_per_unit for g in groups) / sum(g.num_weights for g in groups)
