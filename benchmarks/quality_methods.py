@@ -433,6 +433,8 @@ def run_soft_movement(model, teacher, train, args, final_lambda, tag):
 def leap_section(args, variant: LeapVariant, target: float):
     from leap_ds.integration.config import parse_leap_section
     shared = {**args.leap_shared, "target_density": target, "score": variant.score}
+    if variant.score == "learned":   # x_mag ranks by |W| (1 + s): its s starts at zero
+        shared["score_init"] = "zero" if variant.times_magnitude else variant.score_init
     if variant.matched_lr:
         shared["threshold_lr"] = shared["score_lr"] = args.matched_lr
     return parse_leap_section({"leap": {"shared_parameters": shared,

@@ -27,6 +27,7 @@ from torch import nn
 
 from leap_ds import GroupRule, LeapPruner, attach
 from leap_ds.algorithm.masked import LeapMasked
+from leap_ds.algorithm.selection import LeapConfigError
 from tests import tiny_models as tm
 # the independent masks (also used by the multi-rank finalize check): tests/leap_reference.py
 from tests.leap_reference import (HEAD_ROLES, bert_hybrid_spec, bias_of, is_conv1d, logical_weight,
@@ -736,31 +737,37 @@ def _units(model, gran, names, roles, kw):
     return {"unstructured": w.size, "row": w.shape[0], "column": w.shape[1]}[gran]
 
 
-def _attach_model(kind):
+def _attach_model(kind, score="magnitude"):
+    """A tiny transformer with LEAP attached; ``score`` "learned": scores that start at the
+    units' magnitudes (score_init's default), so the masks are magnitude pruning's."""
     if kind == "bert":
         model = tm.tiny_bert(seed=11)
-        pruner = attach(model, {"compression_training": tm.leap_section(tm.HYBRID_BERT)})
+        pruner = attach(model, {"compression_training": tm.leap_section(tm.HYBRID_BERT, score=score)})
         return model, pruner, bert_hybrid_spec()
     if kind == "gpt2":
         model = tm.tiny_gpt2(seed=12)
-        rules = [GroupRule("qkv", [r"attn\.c_attn"], "unstructured"),
-                 GroupRule("attn_out", [r"attn\.c_proj"], "block", block=(4, 8)),
-                 GroupRule("ffn", [r"mlp\.c_proj"], "channel", related_modules=[r"mlp\.c_fc"])]
+        rules = [GroupRule("qkv", [r"attn\.c_attn"], "unstructured", score=score),
+                 GroupRule("attn_out", [r"attn\.c_proj"], "block", score=score, block=(4, 8)),
+                 GroupRule("ffn", [r"mlp\.c_proj"], "channel", score=score, related_modules=[r"mlp\.c_fc"])]
         return model, LeapPruner(model, rules, target_density=0.3, threshold_init=10.0), _gpt2_spec()
     model = tm.tiny_llama(seed=13)
     groups = {"heads": {"params": {"granularity": "head"}, "modules": ["o_proj"],
                         "related_modules": ["q_proj", "k_proj", "v_proj"]},
               "mlp": {"params": {"granularity": "channel"}, "modules": ["down_proj"],
                       "related_modules": ["gate_proj", "up_proj"]}}
-    pruner = attach(model, {"compression_training": tm.leap_section(groups)})
+    pruner = attach(model, {"compression_training": tm.leap_section(groups, score=score)})
     return model, pruner, _llama_spec()
 
 
+@pytest.mark.parametrize("score", ["magnitude", "learned"])
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
-def test_transformer_masked_forward_report_and_finalize(kind):
+def test_transformer_masked_forward_report_and_finalize(kind, score):
+    """Masks against an independent magnitude top-k; learned scores start at the magnitudes
+    (score_init "magnitude", the default), so before any training step they mask the same."""
     torch.manual_seed(14)
-    model, pruner, spec = _attach_model(kind)
+    model, pruner, spec = _attach_model(kind, score)
     model.eval()
+    assert all(g.learned == (score == "learned") for g in pruner.groups)
     assert len(pruner.groups) == len(spec)
     names = [n for _, ns, _, _ in spec for n in ns]
     assert sorted(m.name for g in pruner.groups for m in g.members) == sorted(names)
@@ -807,6 +814,40 @@ def test_transformer_masked_forward_report_and_finalize(kind):
     _check_finalize(model, pruner, run, masks, orig)
     with torch.no_grad():
         torch.testing.assert_close(run(model), run(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("score_init", ["magnitude", "zero"])
+def test_learned_scores_start_at_each_matrixs_unit_norms_over_their_mean(score_init):
+    """GPT-2 (Conv1D weights stored transposed): per-weight scores |w| / mean |w| in the logical
+    layout; uniform FFN channels (one threshold, a score set per layer): each layer's channel norms
+    (its c_fc column + c_proj row) over their mean. "zero": the authors' start, all zero."""
+    model = tm.tiny_gpt2(seed=12)
+    rules = [GroupRule("qkv", [r"attn\.c_attn"], "unstructured", score="learned", score_init=score_init),
+             GroupRule("ffn", [r"mlp\.c_proj"], "channel", score="learned", score_init=score_init,
+                       related_modules=[r"mlp\.c_fc"], uniform=True)]
+    pruner = LeapPruner(model, rules, target_density=0.3, threshold_init=10.0)
+    for layer in range(2):
+        h = model.transformer.h[layer]
+        w = h.attn.c_attn.weight.detach().t().double()          # logical (out, in)
+        qkv = group_of(pruner, f"transformer.h.{layer}.attn.c_attn").scores.detach().double()
+        norms = (h.mlp.c_fc.weight.detach().double().pow(2).sum(0)
+                 + h.mlp.c_proj.weight.detach().double().pow(2).sum(1)).sqrt()
+        ffn = group_of(pruner, f"transformer.h.{layer}.mlp.c_proj")
+        ffn_scores = ffn.scores.detach().double().view(ffn.num_sets, -1)[layer]
+        if score_init == "zero":
+            assert not qkv.any() and not ffn_scores.any()
+            continue
+        torch.testing.assert_close(qkv, (w.abs() / w.abs().mean()).flatten(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ffn_scores, norms / norms.mean(), rtol=1e-5, atol=1e-6)
+    assert ffn.num_sets == 2   # one group, a score set per layer: each set was scaled on its own
+
+
+def test_score_init_is_refused_on_a_group_that_ranks_by_magnitude():
+    groups = {"ffn": {**tm.FFN_CHANNELS["ffn"], "params": {"granularity": "channel", "score_init": "zero"}}}
+    with pytest.raises(LeapConfigError, match=r"different_groups\.ffn\.params\.score_init applies to learned"):
+        attach(tm.tiny_bert(), {"compression_training": tm.leap_section(groups)})
+    # with learned scores it is taken
+    attach(tm.tiny_bert(), {"compression_training": tm.leap_section(groups, score="learned")})
 
 
 def test_training_forward_backward_on_bert_hybrid_reaches_every_threshold():

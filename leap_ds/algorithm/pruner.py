@@ -192,6 +192,7 @@ class LeapPruner:
                        model.register_load_state_dict_post_hook(self._after_load_state_dict)]
         self._set_active()
         self.refresh_scores()
+        self._init_learned_scores()
 
     # ----------------------------------------------------------------- forward
     def _before_model_forward(self, module, args):
@@ -313,32 +314,46 @@ class LeapPruner:
             g.module.pruning_active = self.pruning_active
 
     def refresh_scores(self) -> None:
-        """Recompute magnitude scores of groups spanning several matrices (heads, channels).
+        """Recompute magnitude scores of groups spanning several matrices (heads, channels)."""
+        self._scores_stale = False
+        groups = [g for g in self.groups if g.module.unit_scores is not None]
+        for g, sq_norms in zip(groups, self._unit_sq_norms(groups)):
+            self._set_unit_scores(g, sq_norms)
+
+    @torch.no_grad()
+    def _init_learned_scores(self) -> None:
+        """Learned scores with ``score_init`` "magnitude" start at their units' L2 norms (|w| for
+        single weights), scaled to mean 1 per matrix: the first masks are magnitude pruning's, and
+        the scores' lr (1e-2) re-ranks units near the cut rather than overturning the order."""
+        groups = [g for g in self.groups if g.learned and g.plan.rule.score_init == "magnitude"]
+        for g, sq_norms in zip(groups, self._unit_sq_norms(groups)):
+            norms = sq_norms.sqrt()
+            scores = g.module.scores.view(g.module.num_sets, g.num_units)[g.plan.set_index]
+            scores.copy_((norms / norms.mean().clamp(min=1e-12)).to(scores.device, scores.dtype))
+
+    def _unit_sq_norms(self, groups: list[GroupHandle]) -> list[torch.Tensor]:
+        """Each group's units' squared L2 norms over its matrices.
 
         A rank holding whole weights computes them alone (no collective, so a forward on one
         rank is possible); with ZeRO-3 partitions each rank sums squares over the part it holds
         and one all-reduce combines them: no weight is gathered.
         """
-        self._scores_stale = False
-        groups = [g for g in self.groups if g.module.unit_scores is not None]
         partitioned = [g for g in groups if any(self.ops.is_partitioned(m.module.weight) for m in g.members)]
-        for g in groups:
-            if g not in partitioned:
-                self._set_unit_scores(g, sum(m.layout.unit_sq_norms(_logical_weight(m)) for m in g.members))
-        if not partitioned:
-            return
-        parts = []
-        for g in partitioned:
-            total = None
-            for m in g.members:
-                flat, start = self.ops.local_slice(m.module.weight)
-                part = m.layout.unit_sq_norms_of_slice(flat, start)
-                total = part if total is None else total + part.to(total.device)
-            parts.append(total)
-        device = partitioned[0].module.unit_scores.device
-        flat_scores = self.ops.all_reduce_sum(torch.cat([p.to(device) for p in parts]))
-        for g, scores in zip(partitioned, flat_scores.split([g.num_units for g in partitioned])):
-            self._set_unit_scores(g, scores)
+        out = {g.index: sum(m.layout.unit_sq_norms(_logical_weight(m)) for m in g.members)
+               for g in groups if g not in partitioned}
+        if partitioned:
+            parts = []
+            for g in partitioned:
+                total = None
+                for m in g.members:
+                    flat, start = self.ops.local_slice(m.module.weight)
+                    part = m.layout.unit_sq_norms_of_slice(flat, start)
+                    total = part if total is None else total + part.to(total.device)
+                parts.append(total)
+            device = parts[0].device
+            flat_scores = self.ops.all_reduce_sum(torch.cat([p.to(device) for p in parts]))
+            out.update({g.index: s for g, s in zip(partitioned, flat_scores.split([g.num_units for g in partitioned]))})
+        return [out[g.index] for g in groups]
 
     @staticmethod
     def _set_unit_scores(g: GroupHandle, scores: torch.Tensor) -> None:
@@ -457,6 +472,7 @@ class LeapPruner:
         self.last_reg_loss = float(state["reg_loss"])
         self._set_active()
         self.refresh_scores()
+        self._init_learned_scores()
 
     def parameters(self, kind: str | None = None):
         """LEAP's own parameters (each once): kind 'threshold', 'scores' or None for both."""

@@ -28,6 +28,12 @@ class LeapConfigError(ValueError):
     """A LEAP setting that does not fit the model; the message says how to fix it."""
 
 
+SCORE_INITS = ("magnitude", "zero")
+# zero-initialised learned scores tie, so while the density first falls the masks keep units by
+# index, whatever their weights (benchmarks/results/quality.md: LEAP learned scores, zero init)
+DEFAULT_SCORE_INIT = "magnitude"
+
+
 @dataclass
 class GroupRule:
     """One ``different_groups`` entry, in plain Python."""
@@ -35,6 +41,8 @@ class GroupRule:
     modules: list[str]
     granularity: str = "unstructured"
     score: str = "magnitude"
+    # learned scores start at the units' magnitudes (mean 1 per matrix) or at zero (the authors')
+    score_init: str = DEFAULT_SCORE_INIT
     block: tuple[int, int] | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None

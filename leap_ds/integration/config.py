@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..algorithm.regularizer import DEFAULT_DENSITY_TOLERANCE
-from ..algorithm.selection import GroupRule, LeapConfigError
+from ..algorithm.selection import DEFAULT_SCORE_INIT, SCORE_INITS, GroupRule, LeapConfigError
 
 SECTION = "compression_training"
 
@@ -33,6 +33,7 @@ Beta = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, lt=1.0)]
 class GroupParams(_Strict):
     granularity: Literal["unstructured", "block", "row", "column", "head", "channel"] = "unstructured"
     score: Literal["magnitude", "learned"] | None = None  # default: shared_parameters.score
+    score_init: Literal[SCORE_INITS] | None = None        # default: shared_parameters.score_init
     block_size: tuple[Int, Int] | None = None             # (rows, cols), block granularity only
     # head granularity; default from the model config (num_attention_heads, num_key_value_heads)
     num_heads: Int | None = Field(default=None, gt=0)
@@ -111,16 +112,28 @@ class SharedParameters(_Strict):
     # a short second-moment memory, or the early gradients (lambda ~ 2e4) freeze theta later
     threshold_betas: tuple[Beta, Beta] = (0.0, 0.9)
     score: Literal["magnitude", "learned"] = "magnitude"
+    # where learned scores start (groups with magnitude scores ignore it): "magnitude", the
+    # units' L2 norms scaled to mean 1 per matrix, or "zero", the authors' (whose ties collapse)
+    score_init: Literal[SCORE_INITS] = DEFAULT_SCORE_INIT
 
 
 class LeapSection(_Strict):
     shared_parameters: SharedParameters
     different_groups: dict[str, GroupConfig] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _score_init_only_for_learned(self):
+        for name, g in self.different_groups.items():
+            if g.params.score_init is not None and (g.params.score or self.shared_parameters.score) != "learned":
+                raise ValueError(f"different_groups.{name}.params.score_init applies to learned scores, but "
+                                 f"this group ranks by magnitude: set its score to 'learned', or remove score_init")
+        return self
+
     def rules(self) -> list[GroupRule]:
         shared = self.shared_parameters
         return [GroupRule(name=name, modules=g.modules, granularity=g.params.granularity,
-                          score=g.params.score or shared.score, block=g.params.block_size,
+                          score=g.params.score or shared.score,
+                          score_init=g.params.score_init or shared.score_init, block=g.params.block_size,
                           num_heads=g.params.num_heads, num_kv_heads=g.params.num_kv_heads,
                           related_modules=g.related_modules, allow_dead_weights=g.params.allow_dead_weights,
                           uniform=g.params.uniform, multiple_of=g.params.multiple_of)
@@ -146,6 +159,8 @@ def _format(error: ValidationError, prefix: str) -> str:
             lines.append(f"{loc}: unknown key (remove it or check its spelling)")
         elif e["type"] == "missing":
             lines.append(f"{loc}: required key is missing")
+        elif e["type"] == "value_error" and isinstance(e["input"], dict):   # a section-wide check: its message names the keys
+            lines.append(f"{loc}: {e['msg']}")
         else:
             lines.append(f"{loc}: {e['input']!r} is not allowed: {e['msg']}")
     return "invalid LEAP config:\n  " + "\n  ".join(lines)
