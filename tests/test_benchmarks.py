@@ -221,10 +221,21 @@ def test_quality_smoke(tmp_path, tiny_model_dir):
 
     paired = _md_rows(md, "| target | LEAP | baseline |")
     assert {label_of[row[2]] for row in paired} == {m for m in q.METHODS if not m.startswith("leap")}
+    # against the shipped LEAP and, for unstructured baselines, the LEAP setting best on dev (mean over targets)
+    targets = sorted({t for (m, t) in runs if m == "leap_unstructured"})
+    family = [m for m in q.METHODS if m.startswith("leap_") and m not in ("leap_structured", "leap_hybrid")]
+    best_dev = max(family, key=lambda m: statistics.fmean(
+        statistics.fmean(r["dev_accuracy"] for r in runs[(m, t)]) for t in targets))
+    expected = set()
+    for (m, point) in runs:
+        if m.startswith("leap") or (m == "soft_movement" and point != best):
+            continue
+        refs = ["leap_structured"] if m.endswith("_structured") else {"leap_unstructured", best_dev}
+        expected |= {(m, ref) for ref in refs}
+    assert {(label_of[row[2]], label_of[row[1]]) for row in paired} == expected
+    assert len(paired) == len(expected) * len(targets)
     for target, leap_label, base_label, n, diff, ratio in paired:
-        base = label_of[base_label]
-        leap = "leap_structured" if base.endswith("_structured") else "leap_unstructured"
-        assert label_of[leap_label] == leap
+        base, leap = label_of[base_label], label_of[leap_label]
         key = (base, best) if base == "soft_movement" else (base, float(target))
         leap_acc = {r["seed"]: r["accuracy"] for r in runs[(leap, float(target))]}
         diffs = [leap_acc[r["seed"]] - r["accuracy"] for r in sorted(runs[key], key=lambda r: r["seed"])
