@@ -72,13 +72,14 @@ def structured_plans(model):
 class LeapVariant:
     """One LEAP setting: which groups, which scores and how they start, how the thresholds learn.
 
-    The issue-14 variants all use unstructured groups and learned scores, which leap_ds
-    zero-initialises: while the density drops in the first ~50 steps the masks then keep
-    whichever weights come first by index. Each variant attacks that differently.
+    The issue-14 variants all use unstructured groups and learned scores, which the authors
+    zero-initialise: while the density drops in the first ~50 steps the masks then keep
+    whichever weights come first by index. Each variant attacks that differently; magnitude
+    init won and is leap_ds's default ``score_init``.
     """
     groups: str = "unstructured"      # a LEAP_GROUPS entry
     score: str = "magnitude"          # "magnitude" (|W|, unit L2 norms) or "learned"
-    score_init: str = "zero"          # learned: "zero" (leap_ds, the authors) or "magnitude"
+    score_init: str = "zero"          # learned: "zero" (the authors') or "magnitude" (leap_ds's default)
     times_magnitude: bool = False     # learned: rank by |W| (1 + s) instead of s
     threshold_freeze: float = 0.0     # thresholds frozen for this fraction of the steps
     matched_lr: bool = False          # thresholds and scores at one lr (--matched-lr)
