@@ -17,7 +17,6 @@ budget with the mask fixed, exactly as llm.py's magnitude + fine-tuning. Its per
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
